@@ -1,0 +1,3 @@
+from sdcli.cli import main
+
+main()

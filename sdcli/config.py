@@ -1,0 +1,129 @@
+"""Frozen configs that describe a model's architecture and how it is used.
+
+The module classes take the architecture configs (UNetConfig, VAEConfig, TextEncoderConfig);
+everything a pipeline needs beyond the tensors (latent scale, prediction type, noise schedule)
+lives in ModelConfig and never inside a module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 4 text-to-image; 9 inpainting [latents, mask, masked latents]; 7 x4 upscaler
+    out_channels: int = 4
+    model_channels: int = 320  # width of level 0; level i is model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # resnets per level going down (one more per level going up)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # spatial transformer at level i
+    num_heads: int = 8  # used when head_dim == 0 (SD 1.x, x4 upscaler)
+    head_dim: int = 0  # SD 2.x: 64, heads = channels // 64
+    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    context_dim: int = 768  # text-encoder width: 768 SD 1.x, 1024 SD 2.x
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    cross_attention_only: tuple[bool, ...] = (False, False, False, False)  # x4: attn1 attends to the text too
+    num_classes: int = 0  # x4 upscaler: 1000 noise-level embeddings (label_emb)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        n = len(self.channel_mult)
+        if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
+            raise ValueError("attention_levels and cross_attention_only need one entry per channel_mult level")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, head dim) of a spatial transformer of this width."""
+        if self.head_dim:
+            return channels // self.head_dim, self.head_dim
+        return self.num_heads, channels // self.num_heads
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128  # width of level 0
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # len(ch_mult) - 1 halvings: 4 levels = factor 8
+    num_res_blocks: int = 2
+    z_channels: int = 4  # channels between encoder/decoder and the quant convs
+    embed_dim: int = 4  # latent channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    layout: str = "clip"  # "clip" (OpenAI CLIP, SD 1.x) or "openclip" (SD 2.x) in single files
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    max_positions: int = 77
+    activation: str = "quick_gelu"  # OpenCLIP ViT-H: "gelu"
+    skip_last_layers: int = 0  # SD 2.x conditions on the penultimate layer (then the final norm)
+    pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!"
+    projection_dim: int = 0  # OpenCLIP text_projection, kept only so single files round-trip
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    beta_schedule: str = "scaled_linear"  # betas = linspace(sqrt(start), sqrt(end), T) ** 2
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    family: str = "sd1"  # "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP text encoder
+    prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
+    latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+
+    @property
+    def task(self) -> str:
+        """What the UNet's input channels say it is for."""
+        return {4: "txt2img", 9: "inpainting", 7: "upscale-x4", 8: "instruct-pix2pix"}.get(
+            self.unet.in_channels, f"{self.unet.in_channels}-channel"
+        )
+
+    @property
+    def variant(self) -> str:
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.family]
+        return {"txt2img": name, "upscale-x4": "x4 upscaler"}.get(self.task, f"{name} {self.task}")
+
+
+# Full-size reference architectures (the released checkpoints), also used by tests on the meta device.
+SD1_TEXT = TextEncoderConfig()
+SD2_TEXT = TextEncoderConfig(
+    layout="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
+    skip_last_layers=1, pad_token="!", projection_dim=1024,
+)
+SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_projection=True)
+
+ARCHITECTURES: dict[str, ModelConfig] = {
+    "sd15": ModelConfig(),
+    "sd15-inpainting": ModelConfig(unet=replace(UNetConfig(), in_channels=9)),
+    "sd2-768-v": ModelConfig(unet=SD2_UNET, text=SD2_TEXT, family="sd2", prediction="v"),
+    "x4-upscaler": ModelConfig(
+        unet=UNetConfig(
+            in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4),
+            attention_levels=(False, True, True, True), num_heads=8, context_dim=1024,
+            use_linear_projection=True, cross_attention_only=(False, True, True, False), num_classes=1000,
+        ),
+        vae=VAEConfig(ch_mult=(1, 2, 4)),
+        text=SD2_TEXT, family="sd2", prediction="v", latent_scale=0.08333,
+        schedule=NoiseSchedule("linear", 0.0001, 0.02),
+    ),
+}

@@ -1,0 +1,445 @@
+"""Loading Stable Diffusion checkpoints: original single files and diffusers folders, strictly.
+
+    ckpt = inspect_model(path)      # reads headers only: format, detected config, strict key check
+    model = ckpt.load(device, dtype)  # tensors go straight into the modules (mmap, assign=True)
+
+or `load_model(path, ...)` for both steps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sdcli.config import ModelConfig, NoiseSchedule
+from sdcli.errors import ModelLoadError
+from sdcli.loading import detect
+from sdcli.loading.keymaps import (
+    Layout, State, openclip_layout, rename_layout, unet_diffusers_name, vae_diffusers_name,
+)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+
+# Tensors a single file may carry that no part of inference uses: the DDPM schedule buffers,
+# EMA copies, the x4 upscaler's noise-augmentation buffers, position ids, VAE training losses.
+_IGNORED = re.compile(
+    r"^(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights)$"
+    r"|^(model_ema|low_scale_model|loss)\."
+    r"|position_ids$"
+)
+
+
+@dataclass
+class Part:
+    """One component's tensors as the file names them, and how those names map to our modules."""
+
+    tensors: State  # lazy (memory-mapped) tensors, keyed as in the file
+    source: str  # the file, for messages
+    layout: Callable[[list[str]], Layout]  # our module's keys -> Layout
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "single-file" | "diffusers"
+    config: ModelConfig
+    parts: dict[str, Part]  # "unet", "vae", "text_encoder"
+    prediction_source: str
+    tokenizer_dir: Path | None = None
+    vae_path: Path | None = None
+    _layouts: dict[str, Layout] = field(default_factory=dict, repr=False)
+
+    def meta_model(self):
+        from sdcli.models import StableDiffusion
+
+        with torch.device("meta"):
+            return StableDiffusion(self.config)
+
+    def check(self):
+        """Strictly compare every part with the model the config describes; returns that model on meta."""
+        model = self.meta_model()
+        for name, part in self.parts.items():
+            module = model.component(name)
+            expected = module.state_dict()
+            layout = self._layouts.setdefault(name, part.layout(list(expected)))
+            _check_tensors(part.tensors, layout.to_file(expected), part.source, self.config.variant, name)
+        return model
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from sdcli.models.text import clip_tokenizer, folder_tokenizer
+
+        model = self.check()
+        for name, part in self.parts.items():
+            module = model.component(name)
+            expected = module.state_dict()
+            ours = self._layouts[name].from_file(part.tensors)
+            module.load_state_dict(
+                {k: _materialize(v, expected[k], device, dtype) for k, v in ours.items()}, strict=True, assign=True
+            )
+        model.text_encoder.reset_position_ids()
+        model.tokenizer = (
+            folder_tokenizer(self.tokenizer_dir) if self.tokenizer_dir else clip_tokenizer(self.config.text.pad_token)
+        )
+        return model.eval().requires_grad_(False)
+
+    def summary(self) -> dict:
+        cfg = self.config
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "variant": cfg.variant,
+            "family": cfg.family,
+            "task": cfg.task,
+            "prediction": cfg.prediction,
+            "prediction_source": self.prediction_source,
+            "latent_scale": cfg.latent_scale,
+            "latent_channels": cfg.vae.embed_dim,
+            "vae_factor": cfg.vae.downsample_factor,
+            "context_dim": cfg.unet.context_dim,
+            "text_encoder": {
+                "layout": cfg.text.layout, "layers": cfg.text.layers, "width": cfg.text.width,
+                "activation": cfg.text.activation, "skip_last_layers": cfg.text.skip_last_layers,
+            },
+            "vae_file": str(self.vae_path) if self.vae_path else None,
+            "components": {
+                name: {"parameters": p.parameters, "dtypes": p.dtypes, "source": p.source}
+                for name, p in self.parts.items()
+            },
+        }
+
+
+def load_model(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    prediction: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a single-file .safetensors or a diffusers folder into a StableDiffusion model."""
+    return inspect_model(path, vae=vae, prediction=prediction).load(device, dtype)
+
+
+def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction: str | None = None) -> Checkpoint:
+    """Open a model, detect its architecture and check every tensor, without reading the weights."""
+    path = Path(path).expanduser()
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ModelLoadError(f"unknown prediction type {prediction!r}: use 'eps' or 'v'")
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    if path.is_dir():
+        ckpt = _diffusers_folder(path)
+    else:
+        ckpt = _single_file(path, _open_safetensors(path))
+    if vae is not None:
+        ckpt = _with_vae(ckpt, Path(vae).expanduser())
+    if "vae" not in ckpt.parts:
+        raise ModelLoadError(f"{path} has no VAE (first_stage_model.*): pass one with --vae")
+    if prediction is not None:
+        ckpt.config = replace(ckpt.config, prediction=PREDICTIONS[prediction])
+        ckpt.prediction_source = "set by the user"
+    ckpt.check()
+    return ckpt
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _pickle_error(path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path} is a pickle checkpoint: loading a pickle can run arbitrary code, so sdcli does not load it. "
+        f"Use a .safetensors release of the model, or if you trust this file convert it once with "
+        f"`sdcli convert {path} {path.with_suffix('.safetensors')}` (reads tensors only)"
+    )
+
+
+def _open_safetensors(path: Path) -> State:
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise _pickle_error(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # memory-mapped: nothing is read yet
+    except Exception as e:  # safetensors raises its own error types for every kind of bad header
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(
+            f"{path} is not a model file: it is not a valid .safetensors file ({reason})"
+        ) from None
+
+
+def _shapes(tensors: State, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix) :]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _detect(fn, shapes, source: str, what: str, prefix: str = ""):
+    try:
+        return fn(shapes)
+    except (KeyError, IndexError) as e:
+        raise ModelLoadError(
+            f"{source}: cannot tell the {what} architecture: tensor {prefix}{e.args[0] if e.args else ''} is missing"
+        ) from None
+
+
+def _prefixed(prefix: str) -> Callable[[list[str]], Layout]:
+    return lambda keys: rename_layout(keys, lambda k: prefix + k)
+
+
+def _default_prediction(cfg: ModelConfig) -> tuple[str, str]:
+    if cfg.task == "upscale-x4":
+        return "v", "the x4 upscaler is v-prediction"
+    if cfg.family == "sd2" and cfg.task == "txt2img":
+        return "v", "guessed: SD 2.x 768 models are v-prediction; use --prediction eps for 512 base models"
+    return "eps", f"default for {cfg.variant}"
+
+
+# --- single files ----------------------------------------------------------------------------------
+
+UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", (
+    "cond_stage_model.model."
+)
+
+
+def _single_file(path: Path, tensors: State) -> Checkpoint:
+    state = {k: v for k, v in tensors.items() if not _IGNORED.search(k)}
+    src = str(path)
+    if not any(k.startswith(UNET) for k in state):
+        raise ModelLoadError(f"{src} is not a Stable Diffusion checkpoint: {_what_is_it(state)}")
+    stray = [k for k in state if not k.startswith((UNET, VAE, CLIP, OPENCLIP))]
+    if stray:
+        raise ModelLoadError(f"{src}: {len(stray)} unexpected tensors ({_examples(stray)}); not a supported checkpoint")
+
+    unet = _detect(detect.unet_from_shapes, _shapes(state, UNET), src, "UNet", UNET)
+    parts = {"unet": Part(_sub(state, UNET), src, _prefixed(UNET))}
+    cfg = ModelConfig(unet=unet)
+
+    if any(k.startswith(VAE) for k in state):
+        vae = _detect(detect.vae_from_shapes, _shapes(state, VAE), src, "VAE", VAE)
+        parts["vae"] = Part(_sub(state, VAE), src, _prefixed(VAE))
+        cfg = replace(cfg, vae=vae)
+
+    clip_shapes = _shapes(state, CLIP)
+    if clip_shapes:
+        infix = any(k.startswith("text_model.") for k in clip_shapes)
+        if not infix:  # old files without the `text_model.` level
+            clip_shapes = {"text_model." + k: v for k, v in clip_shapes.items()}
+        text = _detect(detect.clip_text_from_shapes, clip_shapes, src, "text encoder", CLIP)
+        rename = (lambda k: "cond_stage_model." + k) if infix else (
+            lambda k: "cond_stage_model." + k.replace("transformer.text_model.", "transformer.", 1)
+        )
+        parts["text_encoder"] = Part(_sub(state, CLIP), src, lambda keys: rename_layout(keys, rename))
+    elif any(k.startswith(OPENCLIP) for k in state):
+        text = _detect(detect.openclip_text_from_shapes, _shapes(state, OPENCLIP), src, "text encoder", OPENCLIP)
+        parts["text_encoder"] = Part(_sub(state, OPENCLIP), src, lambda keys: openclip_layout(keys, OPENCLIP))
+    else:
+        raise ModelLoadError(f"{src}: no text encoder (cond_stage_model.*) in the file; sdcli needs a full checkpoint")
+    # the text encoder tells the family: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x
+    cfg = replace(cfg, text=text, family="sd2" if text.layout == "openclip" else "sd1")
+
+    if cfg.task == "upscale-x4" and cfg.vae.downsample_factor == 4:
+        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("linear", 0.0001, 0.02))
+    prediction, why = _default_prediction(cfg)
+    return Checkpoint(path, "single-file", replace(cfg, prediction=prediction), parts, why)
+
+
+def _sub(state: State, prefix: str) -> State:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _what_is_it(state: State) -> str:
+    keys = list(state)
+    if not keys:
+        return "the file holds no tensors"
+    if any(k.startswith(("encoder.down.", "encoder.down_blocks.")) for k in keys):
+        return "it looks like a VAE alone; pass it with --vae next to a full model"
+    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+        return "it looks like one component of a diffusers folder; pass the whole folder (with model_index.json)"
+    return f"no UNet tensors (model.diffusion_model.*) among its {len(keys)} tensors ({_examples(keys)})"
+
+
+def _examples(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# --- diffusers folders -------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing: the diffusers folder is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} cannot be read as JSON ({e})") from None
+
+
+def _component_weights(folder: Path, stem: str) -> tuple[State, str]:
+    """A component's tensors: one safetensors file, its fp16 variant, or shards with an index."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return _open_safetensors(folder / name), str(folder / name)
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        tensors: State = {}
+        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+            tensors.update(_open_safetensors(folder / shard))
+        return tensors, str(index)
+    pickles = [p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise _pickle_error(pickles[0])
+    raise ModelLoadError(f"{folder}: no {stem}.safetensors weights in this diffusers component folder")
+
+
+def _diffusers_folder(path: Path) -> Checkpoint:
+    if not (path / "model_index.json").is_file():
+        if (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file():
+            hint = "it looks like one component (unet/ or vae/) of a diffusers folder; pass the whole folder"
+        else:
+            hint = "no model_index.json; pass a .safetensors file or a diffusers model folder"
+        raise ModelLoadError(f"{path} is a folder but not a diffusers model: {hint}")
+    _read_json(path / "model_index.json")
+    unet_cfg = detect.unet_from_diffusers(_read_json(path / "unet" / "config.json"), str(path / "unet"))
+    vae_json = _read_json(path / "vae" / "config.json")
+    vae_cfg = detect.vae_from_diffusers(vae_json, str(path / "vae"))
+    text_json = _read_json(path / "text_encoder" / "config.json")
+    family = "sd2" if text_json.get("hidden_act") == "gelu" else "sd1"  # OpenCLIP (SD 2.x) uses gelu
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else None
+    text_cfg = detect.text_from_diffusers(text_json, "!" if family == "sd2" else "<|endoftext|>")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_file) if sched_file.is_file() else {}
+    cfg = ModelConfig(
+        unet=unet_cfg, vae=vae_cfg, text=text_cfg, family=family,
+        latent_scale=vae_json.get("scaling_factor", 0.18215), schedule=detect.schedule_from_diffusers(sched),
+    )
+    if sched.get("prediction_type") in PREDICTIONS:
+        prediction, why = PREDICTIONS[sched["prediction_type"]], "from scheduler/scheduler_config.json"
+    else:
+        prediction, why = _default_prediction(cfg)
+
+    unet_t, unet_src = _component_weights(path / "unet", "diffusion_pytorch_model")
+    vae_t, vae_src = _component_weights(path / "vae", "diffusion_pytorch_model")
+    text_t, text_src = _component_weights(path / "text_encoder", "model")
+    text_t = {k: v for k, v in text_t.items() if not _IGNORED.search(k)}
+    # transformers 4 saved `text_model.` keys, transformers 5 saves them without it
+    text_prefix = "text_model." if any(k.startswith("text_model.") for k in text_t) else ""
+    parts = {
+        "unet": Part(unet_t, unet_src, lambda keys: rename_layout(keys, unet_diffusers_name(unet_cfg))),
+        "vae": Part(vae_t, vae_src, lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))),
+        "text_encoder": Part(
+            text_t, text_src,
+            lambda keys: rename_layout(keys, lambda k: text_prefix + k.removeprefix("transformer.text_model.")),
+        ),
+    }
+    return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, tokenizer_dir)
+
+
+# --- a separate VAE ------------------------------------------------------------------------------
+
+
+def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
+    """Replace the checkpoint's VAE with one from a file or folder (LDM or diffusers names)."""
+    if not path.exists():
+        raise ModelLoadError(f"VAE not found: {path}")
+    src = str(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        vae_cfg = detect.vae_from_diffusers(_read_json(folder / "config.json"), str(folder))
+        tensors, src = _component_weights(folder, "diffusion_pytorch_model")
+        layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
+    else:
+        tensors = {k: v for k, v in _open_safetensors(path).items() if not _IGNORED.search(k)}
+        if any(k.startswith(VAE) for k in tensors):
+            tensors = _sub(tensors, VAE)
+            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, VAE), src, "VAE", VAE)
+            layout = _prefixed(VAE)
+        elif "encoder.down.0.block.0.conv1.weight" in tensors:
+            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors), src, "VAE")
+            layout = _prefixed("")
+        elif "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
+            vae_cfg = _detect(detect.vae_from_diffusers_shapes, _shapes(tensors), src, "VAE")
+            layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
+        else:
+            raise ModelLoadError(f"{src} is not a VAE: no encoder/decoder tensors ({_examples(tensors)})")
+    if vae_cfg.embed_dim != ckpt.config.unet.out_channels:
+        raise ModelLoadError(
+            f"{src}: this VAE has {vae_cfg.embed_dim} latent channels but the model's UNet denoises "
+            f"{ckpt.config.unet.out_channels}; it does not belong to this model"
+        )
+    ckpt.config = replace(ckpt.config, vae=vae_cfg)
+    ckpt.parts["vae"] = Part(tensors, src, layout)
+    ckpt.vae_path = path
+    return ckpt
+
+
+# --- the strict check ------------------------------------------------------------------------------
+
+
+def _squeeze(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _same_shape(a, b) -> bool:
+    """Equal, or a Linear weight [C, C] against a 1x1 conv [C, C, 1, 1] (diffusers vs LDM VAE attention)."""
+    return tuple(a) == tuple(b) or _squeeze(a) == _squeeze(b)
+
+
+def _check_tensors(found: State, expected: State, source: str, variant: str, what: str) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and not _same_shape(found[k].shape, expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_examples(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if wrong:
+        shown = ", ".join(
+            f"{k} is {list(found[k].shape)}, expected {list(expected[k].shape)}" for k in sorted(wrong)[:3]
+        )
+        problems.append(f"{len(wrong)} with the wrong shape ({shown})")
+    raise ModelLoadError(
+        f"{source}: the {what.replace('_', ' ')} does not match the {variant} architecture detected from it: "
+        + "; ".join(problems)
+        + ". The file is damaged, incomplete or of an unsupported kind"
+    )
+
+
+def _materialize(t: torch.Tensor, like: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    if t.shape != like.shape:
+        t = t.reshape(like.shape)  # Linear <-> 1x1 conv; a view
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def original_layout(model) -> State:
+    """The model's tensors under original single-file keys (an OpenCLIP text encoder re-fused)."""
+    out: State = {}
+    for name, (_, prefix) in model.COMPONENTS.items():
+        state = model.component(name).state_dict()
+        if name == "text_encoder" and model.cfg.text.layout == "openclip":
+            state = openclip_layout(list(state), OPENCLIP).to_file(state)
+            prefix = ""
+        out.update({prefix + k: v for k, v in state.items()})
+    return out

@@ -1,0 +1,56 @@
+"""Converting a pickle checkpoint to safetensors without running code from it."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from sdcli.errors import SdcliError
+from sdcli.fileio import atomic_path
+
+
+def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
+    """Read only tensors (torch.load(weights_only=True)) and write them to `dst`; returns the count."""
+    import torch
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise SdcliError(f"checkpoint not found: {src}")
+    if dst.suffix != ".safetensors":
+        raise SdcliError(f"the output must end in .safetensors, not {dst.name}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types: disallowed objects, truncated archives, not a pickle
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise SdcliError(
+                f"{src} holds more than tensors (it would call {found.group(1)}) and was not loaded; "
+                "get a .safetensors release of this model"
+            ) from None
+        refused = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        if refused:
+            raise SdcliError(
+                f"{src} was not loaded: reading tensors only refused it ({refused.group(1).strip()}); "
+                "it holds more than tensors or is not a PyTorch checkpoint"
+            ) from None
+        raise SdcliError(f"{src} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"[:300]) from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning nests the weights
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise SdcliError(f"{src} does not hold a dict of tensors")
+    tensors, seen = {}, set()
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            ptr = v.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory: copy the second and later ones
+            tensors[k] = v.contiguous().clone() if ptr in seen else v.contiguous()
+            seen.add(ptr)
+    if not tensors:
+        raise SdcliError(f"{src} holds no tensors")
+    with atomic_path(dst, overwrite) as tmp:
+        save_file(tensors, str(tmp))
+    return len(tensors)

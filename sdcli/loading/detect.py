@@ -1,0 +1,202 @@
+"""Architecture configs from what a checkpoint holds: tensor shapes (single files) or diffusers configs."""
+
+from __future__ import annotations
+
+import re
+
+from sdcli.config import NoiseSchedule, TextEncoderConfig, UNetConfig, VAEConfig
+from sdcli.errors import ModelLoadError
+
+Shapes = dict[str, tuple[int, ...]]  # keys relative to the component (prefix removed)
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    """How many distinct indices N appear where `pattern` has {n}."""
+    rx = re.compile("^" + re.escape(pattern).replace(r"\{n\}", r"(\d+)") + r"\.")
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def unet_from_shapes(s: Shapes) -> UNetConfig:
+    mc = s["input_blocks.0.0.weight"][0]
+    n_blocks = _count(s, "input_blocks.{n}")
+    downs = [i for i in range(n_blocks) if f"input_blocks.{i}.0.op.weight" in s]
+    L = downs[0] - 1 if downs else n_blocks - 1
+    levels = len(downs) + 1
+    first = [lv * (L + 1) + 1 for lv in range(levels)]  # first resnet block of each level
+    widths = [s[f"input_blocks.{b}.0.out_layers.3.weight"][0] for b in first]
+    attention = tuple(f"input_blocks.{b}.1.proj_in.weight" in s for b in first)
+    mid = "middle_block.1."
+    context_dim = s[mid + "transformer_blocks.0.attn2.to_k.weight"][1]
+    cross_only = tuple(
+        att and s[f"input_blocks.{b}.1.transformer_blocks.0.attn1.to_k.weight"][1] != w
+        for b, w, att in zip(first, widths, attention)
+    )
+    num_classes = s["label_emb.weight"][0] if "label_emb.weight" in s else 0
+    use_linear = len(s[mid + "proj_in.weight"]) == 2
+    # Heads are not in the shapes. SD 2.x (linear projections) uses 64-wide heads; SD 1.x and the
+    # x4 upscaler use 8 heads.
+    head_dim = 64 if use_linear and not num_classes else 0
+    return UNetConfig(
+        in_channels=s["input_blocks.0.0.weight"][1],
+        out_channels=s["out.2.weight"][0],
+        model_channels=mc,
+        channel_mult=tuple(w // mc for w in widths),
+        num_res_blocks=L,
+        attention_levels=attention,
+        num_heads=8,
+        head_dim=head_dim,
+        transformer_depth=_count(s, mid + "transformer_blocks.{n}"),
+        context_dim=context_dim,
+        use_linear_projection=use_linear,
+        cross_attention_only=cross_only,
+        num_classes=num_classes,
+    )
+
+
+def vae_from_shapes(s: Shapes) -> VAEConfig:
+    ch = s["encoder.conv_in.weight"][0]
+    levels = _count(s, "encoder.down.{n}")
+    return VAEConfig(
+        in_channels=s["encoder.conv_in.weight"][1],
+        out_channels=s["decoder.conv_out.weight"][0],
+        ch=ch,
+        ch_mult=tuple(s[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)),
+        num_res_blocks=_count(s, "encoder.down.0.block.{n}"),
+        z_channels=s["decoder.conv_in.weight"][1],
+        embed_dim=s["post_quant_conv.weight"][1],
+    )
+
+
+def vae_from_diffusers_shapes(s: Shapes) -> VAEConfig:
+    ch = s["encoder.conv_in.weight"][0]
+    levels = _count(s, "encoder.down_blocks.{n}")
+    return VAEConfig(
+        in_channels=s["encoder.conv_in.weight"][1],
+        out_channels=s["decoder.conv_out.weight"][0],
+        ch=ch,
+        ch_mult=tuple(s[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] // ch for i in range(levels)),
+        num_res_blocks=_count(s, "encoder.down_blocks.0.resnets.{n}"),
+        z_channels=s["decoder.conv_in.weight"][1],
+        embed_dim=s["post_quant_conv.weight"][1],
+    )
+
+
+def clip_text_from_shapes(s: Shapes) -> TextEncoderConfig:
+    """OpenAI CLIP layout (keys under text_model.); CLIP text towers use 64-wide heads."""
+    width = s["text_model.embeddings.token_embedding.weight"][1]
+    return TextEncoderConfig(
+        vocab_size=s["text_model.embeddings.token_embedding.weight"][0],
+        width=width,
+        layers=_count(s, "text_model.encoder.layers.{n}"),
+        heads=max(width // 64, 1),
+        mlp_width=s["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        max_positions=s["text_model.embeddings.position_embedding.weight"][0],
+    )
+
+
+def openclip_text_from_shapes(s: Shapes) -> TextEncoderConfig:
+    """OpenCLIP layout (SD 2.x): gelu, conditioning on the penultimate layer, padding with '!'."""
+    width = s["token_embedding.weight"][1]
+    return TextEncoderConfig(
+        layout="openclip",
+        vocab_size=s["token_embedding.weight"][0],
+        width=width,
+        layers=_count(s, "transformer.resblocks.{n}"),
+        heads=max(width // 64, 1),
+        mlp_width=s["transformer.resblocks.0.mlp.c_fc.weight"][0],
+        max_positions=s["positional_embedding"][0],
+        activation="gelu",
+        skip_last_layers=1,
+        pad_token="!",
+        projection_dim=s["text_projection"][1] if "text_projection" in s else 0,
+    )
+
+
+# --- diffusers configs ---------------------------------------------------------------------------
+
+
+def _unsupported(source: str, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{source}: unsupported {what}; sdcli loads Stable Diffusion 1.x/2.x UNets and VAEs")
+
+
+def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
+    widths = list(c["block_out_channels"])
+    n = len(widths)
+    mc = widths[0]
+    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+        if c.get(key) is not None:
+            raise _unsupported(source, f"UNet option {key}={c[key]!r}")
+    if c.get("norm_num_groups", 32) != 32 or any(w % mc for w in widths):
+        raise _unsupported(source, f"UNet widths {widths} / norm groups {c.get('norm_num_groups')}")
+    attention = tuple("CrossAttn" in t for t in c["down_block_types"])
+    # diffusers' "attention_head_dim" is historically the number of heads
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    heads = [heads] * n if isinstance(heads, int) else list(heads)
+    dims = {w // h for w, h, a in zip(widths, heads, attention) if a}
+    if len(set(heads)) == 1:
+        num_heads, head_dim = heads[0], 0
+    elif len(dims) == 1:
+        num_heads, head_dim = 8, dims.pop()
+    else:
+        raise _unsupported(source, f"attention heads {heads}")
+    depth = c.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list):
+        if len(set(depth)) != 1:
+            raise _unsupported(source, f"transformer_layers_per_block={depth}")
+        depth = depth[0]
+    cross_only = c.get("only_cross_attention", False)
+    cross_only = tuple([cross_only] * n if isinstance(cross_only, bool) else cross_only)
+    return UNetConfig(
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        model_channels=mc,
+        channel_mult=tuple(w // mc for w in widths),
+        num_res_blocks=c["layers_per_block"],
+        attention_levels=attention,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        transformer_depth=depth,
+        context_dim=c["cross_attention_dim"],
+        use_linear_projection=bool(c.get("use_linear_projection", False)),
+        cross_attention_only=tuple(bool(x) and a for x, a in zip(cross_only, attention)),
+        num_classes=c.get("num_class_embeds") or 0,
+    )
+
+
+def vae_from_diffusers(c: dict, source: str) -> VAEConfig:
+    widths = list(c["block_out_channels"])
+    if c.get("norm_num_groups", 32) != 32 or any(w % widths[0] for w in widths):
+        raise _unsupported(source, f"VAE widths {widths} / norm groups {c.get('norm_num_groups')}")
+    if not c.get("use_quant_conv", True) or not c.get("use_post_quant_conv", True):
+        raise _unsupported(source, "VAE without quant convs")
+    return VAEConfig(
+        in_channels=c.get("in_channels", 3),
+        out_channels=c.get("out_channels", 3),
+        ch=widths[0],
+        ch_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=c.get("layers_per_block", 2),
+        z_channels=c.get("latent_channels", 4),
+        embed_dim=c.get("latent_channels", 4),
+    )
+
+
+def text_from_diffusers(c: dict, pad_token: str) -> TextEncoderConfig:
+    return TextEncoderConfig(
+        vocab_size=c.get("vocab_size", 49408),
+        width=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        mlp_width=c["intermediate_size"],
+        max_positions=c.get("max_position_embeddings", 77),
+        activation=c.get("hidden_act", "quick_gelu"),
+        pad_token=pad_token,
+    )
+
+
+def schedule_from_diffusers(c: dict) -> NoiseSchedule:
+    return NoiseSchedule(
+        beta_schedule=c.get("beta_schedule", "scaled_linear"),
+        beta_start=c.get("beta_start", 0.00085),
+        beta_end=c.get("beta_end", 0.012),
+        num_train_timesteps=c.get("num_train_timesteps", 1000),
+    )

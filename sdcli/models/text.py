@@ -1,0 +1,109 @@
+"""Text conditioning: the CLIP BPE tokenizer and the CLIP text transformer from `transformers`."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdcli.config import TextEncoderConfig
+from sdcli.errors import SdcliError
+
+BOS, EOS = 49406, 49407
+
+
+class TextEncoder(nn.Module):
+    """`cond_stage_model`: a transformers CLIPTextModel at `transformer.text_model`, the SD 1.x key path.
+
+    SD 2.x's OpenCLIP weights are renamed into the same module when loaded (see loading.keymaps).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.cfg = cfg
+        clip_cfg = CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+            max_position_embeddings=cfg.max_positions, hidden_act=cfg.activation,
+            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1,
+        )
+        clip_cfg._attn_implementation = "sdpa"
+        # transformers 5 dropped the `text_model` level; keep it so the state-dict keys are the checkpoint's.
+        self.transformer = nn.Module()
+        self.transformer.text_model = CLIPTextModel(clip_cfg)
+        if cfg.projection_dim:  # unused for conditioning; kept so OpenCLIP single files round-trip
+            self.register_buffer("text_projection", torch.empty(cfg.width, cfg.projection_dim))
+            self.register_buffer("logit_scale", torch.empty(()))
+
+    def reset_position_ids(self) -> None:
+        """Recreate the non-persistent position ids (they stay on the meta device after a meta build)."""
+        emb = self.transformer.text_model.embeddings
+        emb.position_ids = torch.arange(self.cfg.max_positions, device=emb.token_embedding.weight.device)[None]
+
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids [B, T] -> hidden states [B, T, width].
+
+        clip_skip=1 is the model's own conditioning layer; 2 takes the layer before it (A1111's
+        "Clip skip"), always followed by the final layer norm.
+        """
+        model = self.transformer.text_model
+        skip = self.cfg.skip_last_layers + clip_skip - 1
+        if skip == 0:
+            return model(ids).last_hidden_state
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1 - skip]
+        return model.final_layer_norm(hidden)
+
+
+def clip_bpe_file() -> Path:
+    """The CLIP BPE merges shipped by the `openai-clip` package (its __init__ needs torchvision: not imported)."""
+    try:
+        files = importlib.metadata.files("openai-clip") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "bpe_simple_vocab_16e6.txt.gz":
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise SdcliError(
+        "the CLIP vocabulary file is missing: install the 'openai-clip' package (pip install openai-clip)"
+    )
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP/GPT-2's reversible map of the 256 byte values to printable characters, in vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+@functools.cache
+def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json and merges.txt of CLIP, derived from the BPE file exactly as OpenAI's tokenizer does."""
+    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+@functools.cache
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The CLIP tokenizer built from the package's BPE file, cached per process (building takes ~0.15 s)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
+
+
+def folder_tokenizer(path: Path):
+    """A diffusers folder's own `tokenizer/` (vocab.json + merges.txt, or tokenizer.json)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,56 @@
+import os
+import sys
+from pathlib import Path
+
+# No hub, ever: the references are built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).parent))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_root):
+    """tiny(kind) -> TinyModel, built once per session: "sd1", "sd2", "inpaint", "x4"."""
+    import tiny as builder
+
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = builder.build(kind, tiny_root)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run the real console entry point in-process: returns (exit code, stdout, stderr)."""
+    from sdcli.cli import main
+
+    def run(*args: str):
+        monkeypatch.setattr(sys, "argv", ["sdcli", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

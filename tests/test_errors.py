@@ -1,0 +1,185 @@
+"""Every loader error: a clear message naming the file and the problem, exit code 2, no traceback."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdcli.errors import ModelLoadError, SdcliError
+from sdcli.loading import inspect_model, load_model
+
+
+def broken_copy(tiny, tmp_path, fn, name="broken.safetensors"):
+    state = load_file(str(tiny("sd1").single_file))
+    path = tmp_path / name
+    save_file(fn(dict(state)), str(path))
+    return path
+
+
+def assert_cli_error(run_cli, path, *needles, extra=()):
+    code, out, err = run_cli("info", path, *extra)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sdcli: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_missing_tensor(tiny, tmp_path, run_cli):
+    key = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_v.weight"
+    path = broken_copy(tiny, tmp_path, lambda s: {k: v for k, v in s.items() if k != key})
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path)
+    assert str(path) in str(e.value) and "1 missing" in str(e.value) and key in str(e.value)
+    assert_cli_error(run_cli, path, str(path), "1 missing", key, "unet")
+
+
+def test_missing_tensor_needed_to_detect_the_architecture(tiny, tmp_path, run_cli):
+    key = "model.diffusion_model.out.2.weight"
+    path = broken_copy(tiny, tmp_path, lambda s: {k: v for k, v in s.items() if k != key})
+    assert_cli_error(run_cli, path, str(path), "cannot tell the UNet architecture", key, "missing")
+
+
+def test_wrong_shape(tiny, tmp_path, run_cli):
+    key = "first_stage_model.decoder.up.1.block.0.conv1.weight"
+
+    def shrink(s):
+        s[key] = s[key][:, :16].contiguous()
+        return s
+
+    path = broken_copy(tiny, tmp_path, shrink)
+    line = assert_cli_error(run_cli, path, str(path), "wrong shape", key, "vae")
+    assert "[32, 16, 3, 3], expected [32, 64, 3, 3]" in line
+
+
+def test_unexpected_tensor(tiny, tmp_path, run_cli):
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.7.attn1.to_q.weight"
+
+    def add(s):
+        s[key] = torch.zeros(32, 32)
+        return s
+
+    path = broken_copy(tiny, tmp_path, add)
+    assert_cli_error(run_cli, path, str(path), "1 unexpected", key)
+
+
+def test_unknown_format(tmp_path, run_cli):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}, str(path))
+    assert_cli_error(run_cli, path, str(path), "not a Stable Diffusion checkpoint", "head.bias")
+
+
+def test_vae_passed_as_the_model(tiny, run_cli):
+    path = tiny("sd1").folder / "vae" / "diffusion_pytorch_model.safetensors"
+    assert_cli_error(run_cli, path, "looks like a VAE", "--vae")
+
+
+class Payload:
+    """Running this pickle would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.bin", "disguised.safetensors"])
+def test_pickle_is_refused_without_being_loaded(tmp_path, run_cli, name):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"w": Payload(str(marker))}}, f)
+    assert_cli_error(run_cli, path, str(path), "pickle", "arbitrary code", "sdcli convert")
+    assert not marker.exists()
+
+
+def test_not_a_model_file(tmp_path, run_cli):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("just some text, not tensors\n" * 10)
+    assert_cli_error(run_cli, path, str(path), "not a model file")
+    png = tmp_path / "image.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    assert_cli_error(run_cli, png, str(png), "not a model file")
+
+
+def test_truncated_file(tiny, tmp_path, run_cli):
+    path = tmp_path / "truncated.safetensors"
+    data = tiny("sd1").single_file.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_cli_error(run_cli, path, str(path), "not a model file")
+
+
+def test_missing_file(tmp_path, run_cli):
+    path = tmp_path / "nowhere" / "model.safetensors"
+    assert_cli_error(run_cli, path, "model not found", str(path))
+
+
+def test_missing_vae_file(tiny, tmp_path, run_cli):
+    assert_cli_error(run_cli, tiny("sd1").single_file, "VAE not found", extra=("--vae", tmp_path / "no-vae.safetensors"))
+
+
+def test_file_without_vae_needs_one(tiny, tmp_path, run_cli):
+    path = broken_copy(tiny, tmp_path, lambda s: {k: v for k, v in s.items() if not k.startswith("first_stage_model.")})
+    assert_cli_error(run_cli, path, "has no VAE", "--vae")
+    assert inspect_model(path, vae=tiny("sd1").folder / "vae").config.vae.downsample_factor == 8
+
+
+def test_folder_that_is_not_a_model(tmp_path, run_cli):
+    assert_cli_error(run_cli, tmp_path, str(tmp_path), "not a diffusers model", "model_index.json")
+
+
+def test_diffusers_folder_errors(tiny, tmp_path, run_cli):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    assert_cli_error(run_cli, folder / "unet", "one component", "whole folder")
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = "down_blocks.1.attentions.0.proj_in.weight"
+    del state[key]
+    save_file(state, str(weights))
+    assert_cli_error(run_cli, folder, str(weights), "1 missing", key)
+
+    weights.unlink()
+    torch.save({}, folder / "unet" / "diffusion_pytorch_model.bin")
+    assert_cli_error(run_cli, folder, "pickle", "arbitrary code")
+
+    (folder / "vae" / "config.json").write_text("{not json")
+    assert_cli_error(run_cli, folder, "config.json", "cannot be read as JSON")
+
+
+def test_unsupported_diffusers_config(tiny, tmp_path, run_cli):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["addition_embed_type"] = "text_time"  # SDXL
+    cfg_path.write_text(json.dumps(cfg))
+    assert_cli_error(run_cli, folder, "unsupported UNet option addition_embed_type")
+
+
+def test_bad_prediction_value(tiny, run_cli):
+    code, _, err = run_cli("info", tiny("sd1").single_file, "--prediction", "x0")
+    assert code == 2 and "Traceback" not in err and "x0" in err
+    with pytest.raises(SdcliError, match="unknown prediction type"):
+        inspect_model(tiny("sd1").single_file, prediction="x0")
+
+
+def test_errors_through_a_real_subprocess(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    proc = subprocess.run([sys.executable, "-m", "sdcli", "info", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "pickle" in proc.stderr
