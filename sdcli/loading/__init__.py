@@ -42,6 +42,22 @@ class Part:
     tensors: State  # lazy (memory-mapped) tensors, keyed as in the file
     source: str  # the file, for messages
     layout: Callable[[list[str]], Layout]  # our module's keys -> Layout
+    files: dict[str, Path]  # the file that holds each tensor
+
+    def materialize(self, device, dtype: torch.dtype) -> State:
+        """The tensors on `device` in `dtype` (floating point only): the mapped tensors themselves
+        where nothing changes, else converted through short-lived mappings so that the source
+        pages never pile up in RAM next to the converted weights."""
+        out, todo = {}, {}
+        for k, t in self.tensors.items():
+            target = dtype if t.is_floating_point() else t.dtype
+            if t.dtype == target and torch.device(device).type == "cpu":
+                out[k] = t
+            else:
+                todo.setdefault(self.files[k], []).append(k)
+        for path, keys in todo.items():
+            out.update(_read_converted(path, keys, device, dtype))
+        return out
 
     @property
     def parameters(self) -> int:
@@ -86,9 +102,9 @@ class Checkpoint:
         for name, part in self.parts.items():
             module = model.component(name)
             expected = module.state_dict()
-            ours = self._layouts[name].from_file(part.tensors)
+            ours = self._layouts[name].from_file(part.materialize(device, dtype))
             module.load_state_dict(
-                {k: _materialize(v, expected[k], device, dtype) for k, v in ours.items()}, strict=True, assign=True
+                {k: _fit(v, expected[k]) for k, v in ours.items()}, strict=True, assign=True
             )
         model.text_encoder.reset_position_ids()
         model.tokenizer = (
@@ -226,12 +242,12 @@ def _single_file(path: Path, tensors: State) -> Checkpoint:
         raise ModelLoadError(f"{src}: {len(stray)} unexpected tensors ({_examples(stray)}); not a supported checkpoint")
 
     unet = _detect(detect.unet_from_shapes, _shapes(state, UNET), src, "UNet", UNET)
-    parts = {"unet": Part(_sub(state, UNET), src, _prefixed(UNET))}
+    parts = {"unet": Part(_sub(state, UNET), src, _prefixed(UNET), dict.fromkeys(state, path))}
     cfg = ModelConfig(unet=unet)
 
     if any(k.startswith(VAE) for k in state):
         vae = _detect(detect.vae_from_shapes, _shapes(state, VAE), src, "VAE", VAE)
-        parts["vae"] = Part(_sub(state, VAE), src, _prefixed(VAE))
+        parts["vae"] = Part(_sub(state, VAE), src, _prefixed(VAE), dict.fromkeys(state, path))
         cfg = replace(cfg, vae=vae)
 
     clip_shapes = _shapes(state, CLIP)
@@ -243,10 +259,14 @@ def _single_file(path: Path, tensors: State) -> Checkpoint:
         rename = (lambda k: "cond_stage_model." + k) if infix else (
             lambda k: "cond_stage_model." + k.replace("transformer.text_model.", "transformer.", 1)
         )
-        parts["text_encoder"] = Part(_sub(state, CLIP), src, lambda keys: rename_layout(keys, rename))
+        parts["text_encoder"] = Part(
+            _sub(state, CLIP), src, lambda keys: rename_layout(keys, rename), dict.fromkeys(state, path)
+        )
     elif any(k.startswith(OPENCLIP) for k in state):
         text = _detect(detect.openclip_text_from_shapes, _shapes(state, OPENCLIP), src, "text encoder", OPENCLIP)
-        parts["text_encoder"] = Part(_sub(state, OPENCLIP), src, lambda keys: openclip_layout(keys, OPENCLIP))
+        parts["text_encoder"] = Part(
+            _sub(state, OPENCLIP), src, lambda keys: openclip_layout(keys, OPENCLIP), dict.fromkeys(state, path)
+        )
     else:
         raise ModelLoadError(f"{src}: no text encoder (cond_stage_model.*) in the file; sdcli needs a full checkpoint")
     # the text encoder tells the family: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x
@@ -291,17 +311,22 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path} cannot be read as JSON ({e})") from None
 
 
-def _component_weights(folder: Path, stem: str) -> tuple[State, str]:
-    """A component's tensors: one safetensors file, its fp16 variant, or shards with an index."""
+def _component_weights(folder: Path, stem: str) -> tuple[State, str, dict[str, Path]]:
+    """A component's tensors, its label and each tensor's file: one safetensors file, its fp16
+    variant, or shards listed in an index."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (folder / name).is_file():
-            return _open_safetensors(folder / name), str(folder / name)
+            tensors = _open_safetensors(folder / name)
+            return tensors, str(folder / name), dict.fromkeys(tensors, folder / name)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         tensors: State = {}
+        files: dict[str, Path] = {}
         for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
-            tensors.update(_open_safetensors(folder / shard))
-        return tensors, str(index)
+            part = _open_safetensors(folder / shard)
+            tensors.update(part)
+            files.update(dict.fromkeys(part, folder / shard))
+        return tensors, str(index), files
     pickles = [p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_error(pickles[0])
@@ -334,18 +359,19 @@ def _diffusers_folder(path: Path) -> Checkpoint:
     else:
         prediction, why = _default_prediction(cfg)
 
-    unet_t, unet_src = _component_weights(path / "unet", "diffusion_pytorch_model")
-    vae_t, vae_src = _component_weights(path / "vae", "diffusion_pytorch_model")
-    text_t, text_src = _component_weights(path / "text_encoder", "model")
+    unet_t, unet_src, unet_files = _component_weights(path / "unet", "diffusion_pytorch_model")
+    vae_t, vae_src, vae_files = _component_weights(path / "vae", "diffusion_pytorch_model")
+    text_t, text_src, text_files = _component_weights(path / "text_encoder", "model")
     text_t = {k: v for k, v in text_t.items() if not _IGNORED.search(k)}
     # transformers 4 saved `text_model.` keys, transformers 5 saves them without it
     text_prefix = "text_model." if any(k.startswith("text_model.") for k in text_t) else ""
     parts = {
-        "unet": Part(unet_t, unet_src, lambda keys: rename_layout(keys, unet_diffusers_name(unet_cfg))),
-        "vae": Part(vae_t, vae_src, lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))),
+        "unet": Part(unet_t, unet_src, lambda keys: rename_layout(keys, unet_diffusers_name(unet_cfg)), unet_files),
+        "vae": Part(vae_t, vae_src, lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg)), vae_files),
         "text_encoder": Part(
             text_t, text_src,
             lambda keys: rename_layout(keys, lambda k: text_prefix + k.removeprefix("transformer.text_model.")),
+            text_files,
         ),
     }
     return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, tokenizer_dir)
@@ -362,10 +388,11 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         vae_cfg = detect.vae_from_diffusers(_read_json(folder / "config.json"), str(folder))
-        tensors, src = _component_weights(folder, "diffusion_pytorch_model")
+        tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
         layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
     else:
         tensors = {k: v for k, v in _open_safetensors(path).items() if not _IGNORED.search(k)}
+        files = dict.fromkeys(tensors, path)
         if any(k.startswith(VAE) for k in tensors):
             tensors = _sub(tensors, VAE)
             vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, VAE), src, "VAE", VAE)
@@ -384,7 +411,7 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
             f"{ckpt.config.unet.out_channels}; it does not belong to this model"
         )
     ckpt.config = replace(ckpt.config, vae=vae_cfg)
-    ckpt.parts["vae"] = Part(tensors, src, layout)
+    ckpt.parts["vae"] = Part(tensors, src, layout, files)
     ckpt.vae_path = path
     return ckpt
 
@@ -427,10 +454,25 @@ def _check_tensors(found: State, expected: State, source: str, variant: str, wha
     )
 
 
-def _materialize(t: torch.Tensor, like: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    if t.shape != like.shape:
-        t = t.reshape(like.shape)  # Linear <-> 1x1 conv; a view
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+def _fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(like.shape) if t.shape != like.shape else t  # Linear <-> 1x1 conv; a view
+
+
+def _read_converted(path: Path, keys: list[str], device, dtype: torch.dtype, chunk: int = 256 << 20) -> State:
+    """Convert tensors of one file, reopening it every `chunk` bytes: each handle's mapping (and the
+    source pages it made resident) is released before the next one is opened."""
+    from safetensors import safe_open
+
+    out, i = {}, 0
+    while i < len(keys):
+        with safe_open(str(path), framework="pt") as f:
+            done = 0
+            while i < len(keys) and done < chunk:
+                t = f.get_tensor(keys[i])
+                out[keys[i]] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                done += t.numel() * t.element_size()
+                i += 1
+    return out
 
 
 def original_layout(model) -> State:
