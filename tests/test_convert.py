@@ -21,7 +21,7 @@ def test_ckpt_converts_and_loads_like_the_original(tiny, tmp_path, run_cli):
     assert converted.keys() == state.keys()
     assert all(torch.equal(converted[k], state[k]) for k in state)
     a, b = load_model(out), load_model(tiny("sd1").single_file)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_existing_output_is_not_overwritten(tmp_path, run_cli):

@@ -169,6 +169,16 @@ def test_unsupported_diffusers_config(tiny, tmp_path, run_cli):
     assert_cli_error(run_cli, folder, "unsupported UNet option addition_embed_type")
 
 
+def test_malformed_diffusers_config(tiny, tmp_path, run_cli):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["block_out_channels"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert_cli_error(run_cli, folder, str(cfg_path), "block_out_channels")
+
+
 def test_bad_prediction_value(tiny, run_cli):
     code, _, err = run_cli("info", tiny("sd1").single_file, "--prediction", "x0")
     assert code == 2 and "Traceback" not in err and "x0" in err

@@ -108,7 +108,7 @@ def test_fp16_file_loads_as_fp32_on_cpu_and_keeps_dtype_on_request(tiny, tmp_pat
     model = ckpt.load()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     ref = load_model(tiny("sd1").single_file)
-    assert all(torch.equal(p, q.half().float()) for p, q in zip(model.unet.parameters(), ref.unet.parameters()))
+    assert all(torch.equal(p, q.half().float()) for p, q in zip(model.unet.parameters(), ref.unet.parameters(), strict=True))
     assert {p.dtype for p in inspect_model(half).load(dtype=torch.float16).parameters()} == {torch.float16}
 
 

@@ -91,7 +91,7 @@ class Checkpoint:
         for name, part in self.parts.items():
             module = model.component(name)
             expected = module.state_dict()
-            layout = self._layouts.setdefault(name, part.layout(list(expected)))
+            layout = self._layouts[name] = part.layout(list(expected))
             _check_tensors(part.tensors, layout.to_file(expected), part.source, self.config.variant, name)
         return model
 
@@ -186,8 +186,11 @@ def _pickle_error(path: Path) -> ModelLoadError:
 def _open_safetensors(path: Path) -> State:
     from safetensors import safe_open
 
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise _pickle_error(path)
     try:
@@ -213,6 +216,15 @@ def _detect(fn, shapes, source: str, what: str, prefix: str = ""):
         ) from None
 
 
+def _from_config(fn, config_file: Path, *args):
+    """Translate a diffusers config, turning a missing or malformed entry into a clear error."""
+    try:
+        return fn(_read_json(config_file), str(config_file.parent), *args)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(f"{config_file} is not a config sdcli can use: {what}") from None
+
+
 def _prefixed(prefix: str) -> Callable[[list[str]], Layout]:
     return lambda keys: rename_layout(keys, lambda k: prefix + k)
 
@@ -227,9 +239,10 @@ def _default_prediction(cfg: ModelConfig) -> tuple[str, str]:
 
 # --- single files ----------------------------------------------------------------------------------
 
-UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", (
-    "cond_stage_model.model."
-)
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP in transformers' layout
+OPENCLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP
 
 
 def _single_file(path: Path, tensors: State) -> Checkpoint:
@@ -341,13 +354,15 @@ def _diffusers_folder(path: Path) -> Checkpoint:
             hint = "no model_index.json; pass a .safetensors file or a diffusers model folder"
         raise ModelLoadError(f"{path} is a folder but not a diffusers model: {hint}")
     _read_json(path / "model_index.json")
-    unet_cfg = detect.unet_from_diffusers(_read_json(path / "unet" / "config.json"), str(path / "unet"))
+    unet_cfg = _from_config(detect.unet_from_diffusers, path / "unet" / "config.json")
     vae_json = _read_json(path / "vae" / "config.json")
-    vae_cfg = detect.vae_from_diffusers(vae_json, str(path / "vae"))
+    vae_cfg = _from_config(detect.vae_from_diffusers, path / "vae" / "config.json")
     text_json = _read_json(path / "text_encoder" / "config.json")
     family = "sd2" if text_json.get("hidden_act") == "gelu" else "sd1"  # OpenCLIP (SD 2.x) uses gelu
     tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else None
-    text_cfg = detect.text_from_diffusers(text_json, "!" if family == "sd2" else "<|endoftext|>")
+    text_cfg = _from_config(
+        detect.text_from_diffusers, path / "text_encoder" / "config.json", "!" if family == "sd2" else "<|endoftext|>"
+    )
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_file) if sched_file.is_file() else {}
     cfg = ModelConfig(
@@ -387,7 +402,7 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
     src = str(path)
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
-        vae_cfg = detect.vae_from_diffusers(_read_json(folder / "config.json"), str(folder))
+        vae_cfg = _from_config(detect.vae_from_diffusers, folder / "config.json")
         tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
         layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
     else:
@@ -401,7 +416,7 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
             vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors), src, "VAE")
             layout = _prefixed("")
         elif "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
-            vae_cfg = _detect(detect.vae_from_diffusers_shapes, _shapes(tensors), src, "VAE")
+            vae_cfg = _detect(lambda s: detect.vae_from_shapes(s, "diffusers"), _shapes(tensors), src, "VAE")
             layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
         else:
             raise ModelLoadError(f"{src} is not a VAE: no encoder/decoder tensors ({_examples(tensors)})")

@@ -29,7 +29,7 @@ def unet_from_shapes(s: Shapes) -> UNetConfig:
     context_dim = s[mid + "transformer_blocks.0.attn2.to_k.weight"][1]
     cross_only = tuple(
         att and s[f"input_blocks.{b}.1.transformer_blocks.0.attn1.to_k.weight"][1] != w
-        for b, w, att in zip(first, widths, attention)
+        for b, w, att in zip(first, widths, attention, strict=True)
     )
     num_classes = s["label_emb.weight"][0] if "label_emb.weight" in s else 0
     use_linear = len(s[mid + "proj_in.weight"]) == 2
@@ -53,29 +53,23 @@ def unet_from_shapes(s: Shapes) -> UNetConfig:
     )
 
 
-def vae_from_shapes(s: Shapes) -> VAEConfig:
+# (levels, first resnet of level {i}, resnets of level 0) as LDM and diffusers name them
+_VAE_NAMES = {
+    "ldm": ("encoder.down.{n}", "encoder.down.{i}.block.0", "encoder.down.0.block.{n}"),
+    "diffusers": ("encoder.down_blocks.{n}", "encoder.down_blocks.{i}.resnets.0", "encoder.down_blocks.0.resnets.{n}"),
+}
+
+
+def vae_from_shapes(s: Shapes, names: str = "ldm") -> VAEConfig:
+    levels_at, first_resnet, resnets_at = _VAE_NAMES[names]
     ch = s["encoder.conv_in.weight"][0]
-    levels = _count(s, "encoder.down.{n}")
+    levels = _count(s, levels_at)
     return VAEConfig(
         in_channels=s["encoder.conv_in.weight"][1],
         out_channels=s["decoder.conv_out.weight"][0],
         ch=ch,
-        ch_mult=tuple(s[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)),
-        num_res_blocks=_count(s, "encoder.down.0.block.{n}"),
-        z_channels=s["decoder.conv_in.weight"][1],
-        embed_dim=s["post_quant_conv.weight"][1],
-    )
-
-
-def vae_from_diffusers_shapes(s: Shapes) -> VAEConfig:
-    ch = s["encoder.conv_in.weight"][0]
-    levels = _count(s, "encoder.down_blocks.{n}")
-    return VAEConfig(
-        in_channels=s["encoder.conv_in.weight"][1],
-        out_channels=s["decoder.conv_out.weight"][0],
-        ch=ch,
-        ch_mult=tuple(s[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] // ch for i in range(levels)),
-        num_res_blocks=_count(s, "encoder.down_blocks.0.resnets.{n}"),
+        ch_mult=tuple(s[first_resnet.format(i=i) + ".conv2.weight"][0] // ch for i in range(levels)),
+        num_res_blocks=_count(s, resnets_at),
         z_channels=s["decoder.conv_in.weight"][1],
         embed_dim=s["post_quant_conv.weight"][1],
     )
@@ -132,7 +126,7 @@ def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
     # diffusers' "attention_head_dim" is historically the number of heads
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     heads = [heads] * n if isinstance(heads, int) else list(heads)
-    dims = {w // h for w, h, a in zip(widths, heads, attention) if a}
+    dims = {w // h for w, h, a in zip(widths, heads, attention, strict=True) if a}
     if len(set(heads)) == 1:
         num_heads, head_dim = heads[0], 0
     elif len(dims) == 1:
@@ -158,7 +152,7 @@ def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
         transformer_depth=depth,
         context_dim=c["cross_attention_dim"],
         use_linear_projection=bool(c.get("use_linear_projection", False)),
-        cross_attention_only=tuple(bool(x) and a for x, a in zip(cross_only, attention)),
+        cross_attention_only=tuple(bool(x) and a for x, a in zip(cross_only, attention, strict=True)),
         num_classes=c.get("num_class_embeds") or 0,
     )
 
@@ -180,7 +174,7 @@ def vae_from_diffusers(c: dict, source: str) -> VAEConfig:
     )
 
 
-def text_from_diffusers(c: dict, pad_token: str) -> TextEncoderConfig:
+def text_from_diffusers(c: dict, source: str, pad_token: str) -> TextEncoderConfig:
     return TextEncoderConfig(
         vocab_size=c.get("vocab_size", 49408),
         width=c["hidden_size"],

@@ -159,7 +159,7 @@ def openclip_layout(our_keys, prefix: str) -> Layout:
 
     def to_file(state: State) -> State:
         out = {names[k]: v for k, v in state.items() if k in names}
-        for k, v in state.items():
+        for k in state:
             m = _QKV.search(k)
             if m and m.group(2) == "q":
                 layer, kind = m.group(1), m.group(3)
@@ -173,7 +173,7 @@ def openclip_layout(our_keys, prefix: str) -> Layout:
             m = _IN_PROJ.search(k)
             if m:
                 layer, kind = m.groups()
-                for x, part in zip("qkv", v.chunk(3)):  # views, no copy
+                for x, part in zip("qkv", v.chunk(3), strict=True):  # views, no copy
                     out[f"{_CLIP}encoder.layers.{layer}.self_attn.{x}_proj.{kind}"] = part
             else:
                 out[ours[k]] = v

@@ -87,14 +87,16 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        # [B, C, H, W] -> [B, HW, C], copied once to contiguous: a strided view here would send a
+        # channels-last layout on to the convolutions that follow.
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B, HW, C] -> [B, C, H, W]
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # [B, HW, C] -> [B, C, H, W]
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

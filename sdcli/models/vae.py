@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcli.config import VAEConfig
+from sdcli.models.layers import Upsample
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -61,15 +62,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the checkpoints were trained
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Mid(nn.Module):
