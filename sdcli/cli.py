@@ -92,6 +92,9 @@ def convert(
 
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    from sdcli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # before any model runs: see sdcli.runtime
     try:
         app()
     except SdcliError as e:

@@ -34,3 +34,12 @@ def test_keep_freed_memory_cuts_page_faults():
     pages_per_step = ((12 << 20) + 2 * (10 << 20)) * 4 // 4096
     assert faults["default"] > 5 * pages_per_step  # glibc unmaps and refaults the buffers every step
     assert faults["keep"] < faults["default"] / 2
+
+
+def test_the_cli_applies_it(run_cli, monkeypatch):
+    import sdcli.runtime
+
+    calls = []
+    monkeypatch.setattr(sdcli.runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "info" in out and calls == [1]
