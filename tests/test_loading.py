@@ -152,3 +152,39 @@ def test_help_is_instant_and_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "sdcli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "info" in out and "convert" in out
+
+
+def test_diffusers_fp16_variant_and_sharded_weights(tiny, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    # unet: two shards listed in an index, as large diffusers models are saved
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(unet_file))
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(folder / "unet" / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    unet_file.unlink()
+    # vae: only the fp16 variant
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(vae_file)).items()},
+              str(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors"))
+    vae_file.unlink()
+
+    model = load_model(folder)
+    ref = load_model(tiny("sd1").folder)
+    assert same_weights(model.unet, ref.unet)
+    assert all(torch.equal(p, q.half().float()) for p, q in zip(model.vae.parameters(), ref.vae.parameters(),
+                                                              strict=True))
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+
+
+def test_folder_tokenizer_is_used(tiny):
+    for kind, pad in (("sd1", 49407), ("sd2", 0)):  # SD 2.x pads with "!"
+        tok = load_model(tiny(kind).folder).tokenizer
+        ids = tok("a red cat", padding="max_length", max_length=77).input_ids
+        assert ids[:5] == [49406, 320, 736, 2368, 49407] and ids[-1] == pad
+    assert load_model(tiny("sd2").single_file).tokenizer("a", padding="max_length", max_length=77).input_ids[-1] == 0
