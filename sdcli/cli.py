@@ -16,7 +16,6 @@ from sdcli.errors import SdcliError
 app = typer.Typer(
     name="sdcli",
     help="Stable Diffusion (latent diffusion) from the command line.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -91,15 +90,23 @@ def convert(
 
 
 def main() -> None:
-    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    """Console entry point: every mistake of the user's is one line on stderr and exit code 2."""
     from sdcli.runtime import keep_freed_memory
 
     keep_freed_memory()  # before any model runs: see sdcli.runtime
+    args = sys.argv[1:] or ["--help"]  # a bare `sdcli` shows the help
     try:
-        app()
+        code = app(args, prog_name="sdcli", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        print("sdcli: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as e:  # unknown option or command, bad value, missing argument
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+        message = (e.format_message() if hasattr(e, "format_message") else str(e)).replace("Value error, ", "")
+        print(f"sdcli: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
     except SdcliError as e:
         print(f"sdcli: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("sdcli: interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

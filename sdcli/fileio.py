@@ -10,17 +10,27 @@ from typing import Iterator
 from sdcli.errors import SdcliError
 
 
-@contextlib.contextmanager
-def atomic_path(dst: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds."""
+def check_output(dst: Path, overwrite: bool = False) -> None:
+    """Refuse an output path before any work is done for it."""
     dst = Path(dst)
+    if dst.is_dir():
+        raise SdcliError(f"cannot write {dst}: it is a folder; give a file name")
     if dst.exists() and not overwrite:
         raise SdcliError(f"{dst} already exists: choose another output or pass --overwrite")
     if not dst.parent.is_dir():
         raise SdcliError(f"cannot write {dst}: folder {dst.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds."""
+    dst = Path(dst)
+    check_output(dst, overwrite)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, dst)
+    except OSError as e:
+        raise SdcliError(f"cannot write {dst}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)

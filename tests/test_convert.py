@@ -1,11 +1,10 @@
 """`sdcli convert`: pickle checkpoints to safetensors, reading tensors only."""
 
-import pickle
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pickles import write_malicious_pickle
 from sdcli.loading import load_model
 
 
@@ -36,14 +35,6 @@ def test_existing_output_is_not_overwritten(tmp_path, run_cli):
     assert code == 0 and torch.equal(load_file(str(out))["w"], torch.ones(2))
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("protocol,message", [
     (2, "holds more than tensors (it would call io.open)"),  # what torch.save writes
     (5, "reading tensors only refused it"),
@@ -51,14 +42,38 @@ class Payload:
 def test_malicious_pickle_is_refused_and_nothing_runs_or_is_written(tmp_path, run_cli, protocol, message):
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "evil.ckpt"
-    with open(ckpt, "wb") as f:
-        pickle.dump({"state_dict": {"w": Payload(str(marker))}}, f, protocol=protocol)
+    write_malicious_pickle(ckpt, marker, protocol)
     out = tmp_path / "evil.safetensors"
     code, _, err = run_cli("convert", ckpt, out)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert message in err
     assert not marker.exists() and not out.exists()
     assert list(tmp_path.iterdir()) == [ckpt]  # no temporary file left either
+
+
+def test_convert_checks_the_output_before_reading(tmp_path, run_cli):
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    (tmp_path / "dir.safetensors").mkdir()
+    code, _, err = run_cli("convert", ckpt, tmp_path / "dir.safetensors", "--overwrite")
+    assert code == 2 and "it is a folder" in err and "Traceback" not in err
+    code, _, err = run_cli("convert", ckpt, tmp_path / "missing" / "a.safetensors")
+    assert code == 2 and "does not exist" in err
+
+
+def test_convert_write_failure_is_one_line(tmp_path, run_cli, monkeypatch):
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "a.safetensors"
+    code, _, err = run_cli("convert", ckpt, out)
+    assert code == 2 and "cannot write" in err and "No space left" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
 
 
 def test_convert_input_errors(tmp_path, run_cli):

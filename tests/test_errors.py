@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pickles import write_malicious_pickle
 from sdcli.errors import ModelLoadError, SdcliError
 from sdcli.loading import inspect_model, load_model
 
@@ -84,22 +84,11 @@ def test_vae_passed_as_the_model(tiny, run_cli):
     assert_cli_error(run_cli, path, "looks like a VAE", "--vae")
 
 
-class Payload:
-    """Running this pickle would create a file: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.bin", "disguised.safetensors"])
 def test_pickle_is_refused_without_being_loaded(tmp_path, run_cli, name):
     marker = tmp_path / "code-ran"
     path = tmp_path / name
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": {"w": Payload(str(marker))}}, f)
+    write_malicious_pickle(path, marker)
     assert_cli_error(run_cli, path, str(path), "pickle", "arbitrary code", "sdcli convert")
     assert not marker.exists()
 
@@ -179,10 +168,22 @@ def test_malformed_diffusers_config(tiny, tmp_path, run_cli):
     assert_cli_error(run_cli, folder, str(cfg_path), "block_out_channels")
 
 
-def test_bad_prediction_value(tiny, run_cli):
-    code, _, err = run_cli("info", tiny("sd1").single_file, "--prediction", "x0")
-    assert code == 2 and "Traceback" not in err and "x0" in err
-    with pytest.raises(SdcliError, match="unknown prediction type"):
+def test_usage_mistakes_are_one_line(tiny, run_cli):
+    for args, needle in [
+        (("info", tiny("sd1").single_file, "--prediction", "x0"), "'x0' is not one of 'eps', 'v'"),
+        (("info",), "Missing argument"),
+        (("info", tiny("sd1").single_file, "--bogus"), "No such option: --bogus"),
+        (("nope",), "No such command 'nope'"),
+    ]:
+        code, out, err = run_cli(*args)
+        assert code == 2 and out == "" and "Traceback" not in err, args
+        assert len(err.strip().splitlines()) == 1 and err.startswith("sdcli: error: ") and needle in err, err
+    code, out, _ = run_cli()  # a bare `sdcli` shows the help
+    assert code == 0 and "info" in out and "convert" in out
+
+
+def test_bad_prediction_value(tiny):
+    with pytest.raises(SdcliError, match="unknown prediction type"):  # the Python API checks it too
         inspect_model(tiny("sd1").single_file, prediction="x0")
 
 
@@ -193,3 +194,105 @@ def test_errors_through_a_real_subprocess(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "pickle" in proc.stderr
+
+
+def test_safetensors_header_that_starts_like_a_pickle_is_not_refused(tiny, tmp_path):
+    """A header length whose low byte is 0x80 (pickle's magic) is an ordinary safetensors file."""
+    state = load_file(str(tiny("sd1").single_file))
+    for pad in range(64):
+        path = tmp_path / "padded.safetensors"
+        save_file(state, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.skip("no padding gave a 0x80 first byte")
+    assert inspect_model(path).config.variant == "SD 1.x"
+
+
+def test_incomplete_tokenizer_folder(tiny, tmp_path, run_cli):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    assert_cli_error(run_cli, folder, "tokenizer", "incomplete", "vocab.json")
+
+
+def test_vae_with_another_downsampling_factor_is_refused(tiny, run_cli):
+    assert_cli_error(run_cli, tiny("sd1").single_file, "shrinks images 4x", "8x",
+                     extra=("--vae", tiny("x4").folder / "vae"))
+
+
+def test_widths_that_cannot_be_built(tiny, tmp_path, run_cli):
+    def widen(s):  # 33 channels cannot be split into GroupNorm's 32 groups
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        s[key] = torch.zeros(33, *s[key].shape[1:])
+        return s
+
+    path = broken_copy(tiny, tmp_path, widen)
+    assert_cli_error(run_cli, path, str(path), "cannot be built")
+
+
+def test_detection_tensor_of_the_wrong_rank(tiny, tmp_path, run_cli):
+    def flatten(s):
+        key = "model.diffusion_model.input_blocks.0.0.weight"  # detection reads its in-channels
+        s[key] = s[key].flatten().contiguous()
+        return s
+
+    path = broken_copy(tiny, tmp_path, flatten)
+    assert_cli_error(run_cli, path, str(path), "UNet tensor shapes do not fit")
+
+
+def test_two_text_encoders_are_refused(tiny, tmp_path, run_cli):
+    def add(s):
+        s["cond_stage_model.model.token_embedding.weight"] = torch.zeros(10, 4)
+        return s
+
+    path = broken_copy(tiny, tmp_path, add)
+    assert_cli_error(run_cli, path, "two text encoders")
+
+
+def test_integer_tensor_where_a_float_belongs(tiny, tmp_path, run_cli):
+    key = "model.diffusion_model.out.2.bias"
+
+    def to_int(s):
+        s[key] = s[key].to(torch.int8)
+        return s
+
+    path = broken_copy(tiny, tmp_path, to_int)
+    assert_cli_error(run_cli, path, "wrong kind", key, "int8")
+
+
+@pytest.mark.parametrize("damage", ["config-list", "scheduler-list", "index-list", "empty-widths", "bad-scale",
+                                    "sample-prediction"])
+def test_damaged_diffusers_configs(tiny, tmp_path, run_cli, damage):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    vae_cfg = folder / "vae" / "config.json"
+    if damage == "config-list":
+        (folder / "text_encoder" / "config.json").write_text("[]")
+        needle = "not a JSON object"
+    elif damage == "scheduler-list":
+        (folder / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+        needle = "not a JSON object"
+    elif damage == "index-list":
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.rename(folder / "unet" / "shard.safetensors")
+        (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": [1]}')
+        needle = "no valid weight_map"
+    elif damage == "empty-widths":
+        cfg = json.loads(vae_cfg.read_text())
+        cfg["block_out_channels"] = []
+        vae_cfg.write_text(json.dumps(cfg))
+        needle = "not a config sdcli can use"
+    elif damage == "bad-scale":
+        cfg = json.loads(vae_cfg.read_text())
+        cfg["scaling_factor"] = "abc"
+        vae_cfg.write_text(json.dumps(cfg))
+        needle = "scaling_factor 'abc' is not a positive number"
+    else:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        cfg = json.loads(sched.read_text())
+        cfg["prediction_type"] = "sample"
+        sched.write_text(json.dumps(cfg))
+        needle = "unsupported prediction_type 'sample'"
+    assert_cli_error(run_cli, folder, needle)

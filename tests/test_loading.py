@@ -54,7 +54,8 @@ def test_diffusers_text_encoder_with_and_without_text_model_prefix(tiny, tmp_pat
 
 def test_prediction_override_and_detection(tiny):
     assert inspect_model(tiny("sd2").single_file).config.prediction == "v"  # guessed for SD 2.x
-    assert inspect_model(tiny("sd2").folder).config.prediction == "v"  # from the scheduler config
+    folder = inspect_model(tiny("sd2").folder)
+    assert folder.config.prediction == "v" and folder.prediction_source == "from scheduler/scheduler_config.json"
     ckpt = inspect_model(tiny("sd2").single_file, prediction="eps")
     assert ckpt.config.prediction == "eps" and ckpt.prediction_source == "set by the user"
     x4 = inspect_model(tiny("x4").single_file).config
@@ -182,9 +183,24 @@ def test_diffusers_fp16_variant_and_sharded_weights(tiny, tmp_path):
     assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
 
 
-def test_folder_tokenizer_is_used(tiny):
-    for kind, pad in (("sd1", 49407), ("sd2", 0)):  # SD 2.x pads with "!"
-        tok = load_model(tiny(kind).folder).tokenizer
-        ids = tok("a red cat", padding="max_length", max_length=77).input_ids
-        assert ids[:5] == [49406, 320, 736, 2368, 49407] and ids[-1] == pad
+def test_folder_tokenizer_is_used(tiny, tmp_path):
+    """An SD 1.x folder whose own tokenizer pads with "!" (id 0): the built-in one would pad with 49407."""
+    from sdcli.models.text import clip_tokenizer
+
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    shutil.rmtree(folder / "tokenizer")
+    clip_tokenizer("!").save_pretrained(folder / "tokenizer")
+    ids = load_model(folder).tokenizer("a red cat", padding="max_length", max_length=77).input_ids
+    assert ids[:5] == [49406, 320, 736, 2368, 49407] and set(ids[5:]) == {0}
+    shutil.rmtree(folder / "tokenizer")  # no tokenizer/: the built-in one, with the family's padding
+    assert load_model(folder).tokenizer("a", padding="max_length", max_length=77).input_ids[-1] == 49407
     assert load_model(tiny("sd2").single_file).tokenizer("a", padding="max_length", max_length=77).input_ids[-1] == 0
+
+
+def test_x4_file_without_vae_gets_x4_conventions_from_the_vae_given(tiny, tmp_path):
+    state = load_file(str(tiny("x4").single_file))
+    path = tmp_path / "x4-novae.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, str(path))
+    cfg = inspect_model(path, vae=tiny("x4").folder / "vae").config
+    assert (cfg.latent_scale, cfg.schedule.beta_schedule, cfg.vae.downsample_factor) == (0.08333, "linear", 4)

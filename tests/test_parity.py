@@ -47,19 +47,18 @@ def test_unet_text_and_vae_match_the_references(tiny, kind, fmt):
         close(model.vae.decode(latents), ref.vae.decode(latents).sample)
 
 
-def test_single_files_are_read_by_diffusers_into_the_same_weights(tiny):
+def test_single_files_are_read_by_diffusers_into_the_same_weights(tiny, kind):
     """The fixture's single files are a genuine original layout: diffusers' own converter agrees."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    for kind in ("sd1", "sd2"):
-        ref = tiny(kind)
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(ref.single_file), config=str(ref.folder), local_files_only=True, safety_checker=None
-        )
-        for name in ("unet", "vae", "text_encoder"):
-            got, want = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
-            assert got.keys() == want.keys()
-            assert all(torch.equal(got[k], want[k]) for k in want), (kind, name)
+    pipeline = {"inpaint": diffusers.StableDiffusionInpaintPipeline,
+                "x4": diffusers.StableDiffusionUpscalePipeline}.get(kind, diffusers.StableDiffusionPipeline)
+    ref = tiny(kind)
+    pipe = pipeline.from_single_file(str(ref.single_file), config=str(ref.folder), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), (kind, name)
 
 
 @pytest.mark.parametrize("widths", [(32, 64, 64), (32, 32, 64, 64), (32, 32, 64, 64, 64)], ids=["f4", "f8", "f16"])

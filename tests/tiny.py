@@ -3,7 +3,6 @@ saved as diffusers folders and as original-layout single files."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def build(kind: str, root: Path) -> TinyModel:
     # comparisons against the diffusers modules are what make this a test.
     state = {}
     ucfg = unet_from_diffusers(unet.config, "unet")
-    ours = rename_layout(_ldm_keys(unet, ucfg), unet_diffusers_name(ucfg)).from_file(unet.state_dict())
+    ours = rename_layout(_ldm_keys(ucfg), unet_diffusers_name(ucfg)).from_file(unet.state_dict())
     state.update({"model.diffusion_model." + k: v for k, v in ours.items()})
     vcfg = vae_from_diffusers(vae.config, "vae")
     vae_state = {k: v for k, v in vae.state_dict().items()}
@@ -182,7 +181,7 @@ def build(kind: str, root: Path) -> TinyModel:
     return TinyModel(kind, folder, single, unet, vae, text)
 
 
-def _ldm_keys(unet, cfg):
+def _ldm_keys(cfg):
     from sdcli.models.unet import UNetModel
 
     with torch.device("meta"):
@@ -195,6 +194,3 @@ def _vae_keys(cfg):
     with torch.device("meta"):
         return list(AutoencoderKL(cfg).state_dict())
 
-
-def copy_of(module):
-    return copy.deepcopy(module)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -77,39 +77,45 @@ class Checkpoint:
     prediction_source: str
     tokenizer_dir: Path | None = None
     vae_path: Path | None = None
-    _layouts: dict[str, Layout] = field(default_factory=dict, repr=False)
 
     def meta_model(self):
+        """The model the config describes, on the meta device (no memory)."""
         from sdcli.models import StableDiffusion
 
-        with torch.device("meta"):
-            return StableDiffusion(self.config)
+        try:
+            with torch.device("meta"):
+                return StableDiffusion(self.config)
+        except ValueError as e:  # widths GroupNorm or the attention heads cannot split, from a malformed file
+            raise ModelLoadError(f"{self.path}: the architecture detected from it cannot be built ({e})") from None
 
     def check(self):
-        """Strictly compare every part with the model the config describes; returns that model on meta."""
-        model = self.meta_model()
+        """Strictly compare every part with the model the config describes: (meta model, layouts)."""
+        model, layouts = self.meta_model(), {}
         for name, part in self.parts.items():
-            module = model.component(name)
-            expected = module.state_dict()
-            layout = self._layouts[name] = part.layout(list(expected))
-            _check_tensors(part.tensors, layout.to_file(expected), part.source, self.config.variant, name)
-        return model
+            expected = model.component(name).state_dict()
+            layouts[name] = part.layout(list(expected))
+            _check_tensors(part.tensors, layouts[name].to_file(expected), part.source, self.config.variant, name)
+        return model, layouts
 
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from sdcli.models.text import clip_tokenizer, folder_tokenizer
 
-        model = self.check()
+        model, layouts = self.check()
         for name, part in self.parts.items():
             module = model.component(name)
             expected = module.state_dict()
-            ours = self._layouts[name].from_file(part.materialize(device, dtype))
-            module.load_state_dict(
-                {k: _fit(v, expected[k]) for k, v in ours.items()}, strict=True, assign=True
-            )
+            ours = layouts[name].from_file(part.materialize(device, dtype))
+            module.load_state_dict({k: _fit(v, expected[k]) for k, v in ours.items()}, strict=True, assign=True)
         model.text_encoder.reset_position_ids()
-        model.tokenizer = (
-            folder_tokenizer(self.tokenizer_dir) if self.tokenizer_dir else clip_tokenizer(self.config.text.pad_token)
-        )
+        if self.tokenizer_dir:
+            model.tokenizer = folder_tokenizer(self.tokenizer_dir)
+            if len(model.tokenizer) != self.config.text.vocab_size:
+                raise ModelLoadError(
+                    f"{self.tokenizer_dir} has {len(model.tokenizer)} tokens but the text encoder has "
+                    f"{self.config.text.vocab_size}: the tokenizer folder is incomplete or belongs to another model"
+                )
+        else:
+            model.tokenizer = clip_tokenizer(self.config.text.pad_token)
         return model.eval().requires_grad_(False)
 
     def summary(self) -> dict:
@@ -165,6 +171,8 @@ def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction
         ckpt = _with_vae(ckpt, Path(vae).expanduser())
     if "vae" not in ckpt.parts:
         raise ModelLoadError(f"{path} has no VAE (first_stage_model.*): pass one with --vae")
+    if ckpt.format == "single-file":  # what the file cannot say, from the conventions of the releases
+        ckpt.config, ckpt.prediction_source = _single_file_conventions(ckpt.config)
     if prediction is not None:
         ckpt.config = replace(ckpt.config, prediction=PREDICTIONS[prediction])
         ckpt.prediction_source = "set by the user"
@@ -186,21 +194,21 @@ def _pickle_error(path: Path) -> ModelLoadError:
 def _open_safetensors(path: Path) -> State:
     from safetensors import safe_open
 
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_error(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError as e:
         raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise _pickle_error(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # memory-mapped: nothing is read yet
     except Exception as e:  # safetensors raises its own error types for every kind of bad header
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch zip archive or a raw pickle, renamed
+            raise _pickle_error(path) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelLoadError(
-            f"{path} is not a model file: it is not a valid .safetensors file ({reason})"
-        ) from None
+        raise ModelLoadError(f"{path} is not a model file: it is not a valid .safetensors file ({reason})") from None
 
 
 def _shapes(tensors: State, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -210,23 +218,33 @@ def _shapes(tensors: State, prefix: str = "") -> dict[str, tuple[int, ...]]:
 def _detect(fn, shapes, source: str, what: str, prefix: str = ""):
     try:
         return fn(shapes)
-    except (KeyError, IndexError) as e:
-        raise ModelLoadError(
-            f"{source}: cannot tell the {what} architecture: tensor {prefix}{e.args[0] if e.args else ''} is missing"
-        ) from None
+    except KeyError as e:
+        raise ModelLoadError(f"{source}: cannot tell the {what} architecture: tensor {prefix}{e.args[0]} is missing") from None
+    except (IndexError, ValueError, ZeroDivisionError):
+        raise ModelLoadError(f"{source}: the {what} tensor shapes do not fit any supported architecture") from None
 
 
-def _from_config(fn, config_file: Path, *args):
+def _from_config(fn, config: dict, config_file: Path, *args):
     """Translate a diffusers config, turning a missing or malformed entry into a clear error."""
     try:
-        return fn(_read_json(config_file), str(config_file.parent), *args)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e)
-        raise ModelLoadError(f"{config_file} is not a config sdcli can use: {what}") from None
+        return fn(config, str(config_file.parent), *args)
+    except ModelLoadError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+        what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"{config_file} is not a config sdcli can use ({what})") from None
 
 
 def _prefixed(prefix: str) -> Callable[[list[str]], Layout]:
     return lambda keys: rename_layout(keys, lambda k: prefix + k)
+
+
+def _single_file_conventions(cfg: ModelConfig) -> tuple[ModelConfig, str]:
+    """What a single file cannot say: the x4 upscaler's latent scale and schedule, the prediction type."""
+    if cfg.task == "upscale-x4" and cfg.vae.downsample_factor == 4:
+        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("linear", 0.0001, 0.02))
+    prediction, why = _default_prediction(cfg)
+    return replace(cfg, prediction=prediction), why
 
 
 def _default_prediction(cfg: ModelConfig) -> tuple[str, str]:
@@ -253,17 +271,20 @@ def _single_file(path: Path, tensors: State) -> Checkpoint:
     stray = [k for k in state if not k.startswith((UNET, VAE, CLIP, OPENCLIP))]
     if stray:
         raise ModelLoadError(f"{src}: {len(stray)} unexpected tensors ({_examples(stray)}); not a supported checkpoint")
+    clip_shapes = _shapes(state, CLIP)
+    if clip_shapes and any(k.startswith(OPENCLIP) for k in state):
+        raise ModelLoadError(f"{src} holds two text encoders ({CLIP}* and {OPENCLIP}*); not a supported checkpoint")
 
+    files = dict.fromkeys(state, path)
     unet = _detect(detect.unet_from_shapes, _shapes(state, UNET), src, "UNet", UNET)
-    parts = {"unet": Part(_sub(state, UNET), src, _prefixed(UNET), dict.fromkeys(state, path))}
+    parts = {"unet": Part(_sub(state, UNET), src, _prefixed(UNET), files)}
     cfg = ModelConfig(unet=unet)
 
     if any(k.startswith(VAE) for k in state):
         vae = _detect(detect.vae_from_shapes, _shapes(state, VAE), src, "VAE", VAE)
-        parts["vae"] = Part(_sub(state, VAE), src, _prefixed(VAE), dict.fromkeys(state, path))
+        parts["vae"] = Part(_sub(state, VAE), src, _prefixed(VAE), files)
         cfg = replace(cfg, vae=vae)
 
-    clip_shapes = _shapes(state, CLIP)
     if clip_shapes:
         infix = any(k.startswith("text_model.") for k in clip_shapes)
         if not infix:  # old files without the `text_model.` level
@@ -272,23 +293,15 @@ def _single_file(path: Path, tensors: State) -> Checkpoint:
         rename = (lambda k: "cond_stage_model." + k) if infix else (
             lambda k: "cond_stage_model." + k.replace("transformer.text_model.", "transformer.", 1)
         )
-        parts["text_encoder"] = Part(
-            _sub(state, CLIP), src, lambda keys: rename_layout(keys, rename), dict.fromkeys(state, path)
-        )
+        parts["text_encoder"] = Part(_sub(state, CLIP), src, lambda keys: rename_layout(keys, rename), files)
     elif any(k.startswith(OPENCLIP) for k in state):
         text = _detect(detect.openclip_text_from_shapes, _shapes(state, OPENCLIP), src, "text encoder", OPENCLIP)
-        parts["text_encoder"] = Part(
-            _sub(state, OPENCLIP), src, lambda keys: openclip_layout(keys, OPENCLIP), dict.fromkeys(state, path)
-        )
+        parts["text_encoder"] = Part(_sub(state, OPENCLIP), src, lambda keys: openclip_layout(keys, OPENCLIP), files)
     else:
         raise ModelLoadError(f"{src}: no text encoder (cond_stage_model.*) in the file; sdcli needs a full checkpoint")
     # the text encoder tells the family: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x
     cfg = replace(cfg, text=text, family="sd2" if text.layout == "openclip" else "sd1")
-
-    if cfg.task == "upscale-x4" and cfg.vae.downsample_factor == 4:
-        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("linear", 0.0001, 0.02))
-    prediction, why = _default_prediction(cfg)
-    return Checkpoint(path, "single-file", replace(cfg, prediction=prediction), parts, why)
+    return Checkpoint(path, "single-file", cfg, parts, prediction_source="")
 
 
 def _sub(state: State, prefix: str) -> State:
@@ -317,11 +330,14 @@ def _examples(keys, n: int = 3) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{path} is missing: the diffusers folder is incomplete") from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object: the diffusers folder is damaged")
+    return data
 
 
 def _component_weights(folder: Path, stem: str) -> tuple[State, str, dict[str, Path]]:
@@ -335,7 +351,10 @@ def _component_weights(folder: Path, stem: str) -> tuple[State, str, dict[str, P
     if index.is_file():
         tensors: State = {}
         files: dict[str, Path] = {}
-        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index} has no valid weight_map: the diffusers folder is damaged")
+        for shard in sorted(set(weight_map.values())):
             part = _open_safetensors(folder / shard)
             tensors.update(part)
             files.update(dict.fromkeys(part, folder / shard))
@@ -353,23 +372,29 @@ def _diffusers_folder(path: Path) -> Checkpoint:
         else:
             hint = "no model_index.json; pass a .safetensors file or a diffusers model folder"
         raise ModelLoadError(f"{path} is a folder but not a diffusers model: {hint}")
-    _read_json(path / "model_index.json")
-    unet_cfg = _from_config(detect.unet_from_diffusers, path / "unet" / "config.json")
-    vae_json = _read_json(path / "vae" / "config.json")
-    vae_cfg = _from_config(detect.vae_from_diffusers, path / "vae" / "config.json")
-    text_json = _read_json(path / "text_encoder" / "config.json")
+    configs = {name: path / name / "config.json" for name in ("unet", "vae", "text_encoder")}
+    configs["scheduler"] = path / "scheduler" / "scheduler_config.json"
+    unet_json, vae_json, text_json = (_read_json(configs[n]) for n in ("unet", "vae", "text_encoder"))
+    sched = _read_json(configs["scheduler"]) if configs["scheduler"].is_file() else {}
     family = "sd2" if text_json.get("hidden_act") == "gelu" else "sd1"  # OpenCLIP (SD 2.x) uses gelu
-    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else None
-    text_cfg = _from_config(
-        detect.text_from_diffusers, path / "text_encoder" / "config.json", "!" if family == "sd2" else "<|endoftext|>"
-    )
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    sched = _read_json(sched_file) if sched_file.is_file() else {}
+    scale = vae_json.get("scaling_factor", 0.18215)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ModelLoadError(f"{configs['vae']}: scaling_factor {scale!r} is not a positive number")
     cfg = ModelConfig(
-        unet=unet_cfg, vae=vae_cfg, text=text_cfg, family=family,
-        latent_scale=vae_json.get("scaling_factor", 0.18215), schedule=detect.schedule_from_diffusers(sched),
+        unet=_from_config(detect.unet_from_diffusers, unet_json, configs["unet"]),
+        vae=_from_config(detect.vae_from_diffusers, vae_json, configs["vae"]),
+        text=_from_config(detect.text_from_diffusers, text_json, configs["text_encoder"],
+                          "!" if family == "sd2" else "<|endoftext|>"),
+        family=family,
+        latent_scale=float(scale),
+        schedule=_from_config(lambda c, _: detect.schedule_from_diffusers(c), sched, configs["scheduler"]),
     )
-    if sched.get("prediction_type") in PREDICTIONS:
+    if "prediction_type" in sched:
+        if sched["prediction_type"] not in PREDICTIONS:
+            raise ModelLoadError(
+                f"{configs['scheduler']}: unsupported prediction_type {sched['prediction_type']!r} "
+                "(sdcli supports 'epsilon' and 'v_prediction')"
+            )
         prediction, why = PREDICTIONS[sched["prediction_type"]], "from scheduler/scheduler_config.json"
     else:
         prediction, why = _default_prediction(cfg)
@@ -381,15 +406,30 @@ def _diffusers_folder(path: Path) -> Checkpoint:
     # transformers 4 saved `text_model.` keys, transformers 5 saves them without it
     text_prefix = "text_model." if any(k.startswith("text_model.") for k in text_t) else ""
     parts = {
-        "unet": Part(unet_t, unet_src, lambda keys: rename_layout(keys, unet_diffusers_name(unet_cfg)), unet_files),
-        "vae": Part(vae_t, vae_src, lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg)), vae_files),
+        "unet": Part(unet_t, unet_src, _diffusers_layout(unet_diffusers_name, cfg.unet), unet_files),
+        "vae": Part(vae_t, vae_src, _diffusers_layout(vae_diffusers_name, cfg.vae), vae_files),
         "text_encoder": Part(
             text_t, text_src,
             lambda keys: rename_layout(keys, lambda k: text_prefix + k.removeprefix("transformer.text_model.")),
             text_files,
         ),
     }
-    return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, tokenizer_dir)
+    return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, _tokenizer_dir(path))
+
+
+def _diffusers_layout(names, cfg) -> Callable[[list[str]], Layout]:
+    return lambda keys: rename_layout(keys, names(cfg))
+
+
+def _tokenizer_dir(path: Path) -> Path | None:
+    """The folder's own tokenizer/, if it has one; it must be complete."""
+    folder = path / "tokenizer"
+    if not folder.is_dir():
+        return None
+    if not ((folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                      and (folder / "merges.txt").is_file())):
+        raise ModelLoadError(f"{folder} is incomplete: it needs vocab.json and merges.txt, or tokenizer.json")
+    return folder
 
 
 # --- a separate VAE ------------------------------------------------------------------------------
@@ -402,28 +442,32 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
     src = str(path)
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
-        vae_cfg = _from_config(detect.vae_from_diffusers, folder / "config.json")
+        config_file = folder / "config.json"
+        vae_cfg = _from_config(detect.vae_from_diffusers, _read_json(config_file), config_file)
         tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
-        layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
+        layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
     else:
         tensors = {k: v for k, v in _open_safetensors(path).items() if not _IGNORED.search(k)}
         files = dict.fromkeys(tensors, path)
-        if any(k.startswith(VAE) for k in tensors):
-            tensors = _sub(tensors, VAE)
-            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, VAE), src, "VAE", VAE)
-            layout = _prefixed(VAE)
-        elif "encoder.down.0.block.0.conv1.weight" in tensors:
-            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors), src, "VAE")
-            layout = _prefixed("")
+        prefix = VAE if any(k.startswith(VAE) for k in tensors) else ""  # a full checkpoint, or a VAE alone
+        tensors = _sub(tensors, prefix)
+        if prefix + "encoder.down.0.block.0.conv1.weight" in tensors:
+            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, prefix), src, "VAE", prefix)
+            layout = _prefixed(prefix)
         elif "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
             vae_cfg = _detect(lambda s: detect.vae_from_shapes(s, "diffusers"), _shapes(tensors), src, "VAE")
-            layout = lambda keys: rename_layout(keys, vae_diffusers_name(vae_cfg))  # noqa: E731
+            layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
         else:
             raise ModelLoadError(f"{src} is not a VAE: no encoder/decoder tensors ({_examples(tensors)})")
     if vae_cfg.embed_dim != ckpt.config.unet.out_channels:
         raise ModelLoadError(
             f"{src}: this VAE has {vae_cfg.embed_dim} latent channels but the model's UNet denoises "
             f"{ckpt.config.unet.out_channels}; it does not belong to this model"
+        )
+    if "vae" in ckpt.parts and vae_cfg.downsample_factor != ckpt.config.vae.downsample_factor:
+        raise ModelLoadError(
+            f"{src}: this VAE shrinks images {vae_cfg.downsample_factor}x but the model's own VAE "
+            f"{ckpt.config.vae.downsample_factor}x; it does not belong to this model"
         )
     ckpt.config = replace(ckpt.config, vae=vae_cfg)
     ckpt.parts["vae"] = Part(tensors, src, layout, files)
@@ -450,7 +494,8 @@ def _check_tensors(found: State, expected: State, source: str, variant: str, wha
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [k for k in expected if k in found and not _same_shape(found[k].shape, expected[k].shape)]
-    if not (missing or unexpected or wrong):
+    kind = [k for k in expected if k in found and found[k].is_floating_point() != expected[k].is_floating_point()]
+    if not (missing or unexpected or wrong or kind):
         return
     problems = []
     if missing:
@@ -462,6 +507,9 @@ def _check_tensors(found: State, expected: State, source: str, variant: str, wha
             f"{k} is {list(found[k].shape)}, expected {list(expected[k].shape)}" for k in sorted(wrong)[:3]
         )
         problems.append(f"{len(wrong)} with the wrong shape ({shown})")
+    if kind:
+        shown = ", ".join(f"{k} is {str(found[k].dtype).removeprefix('torch.')}" for k in sorted(kind)[:3])
+        problems.append(f"{len(kind)} of the wrong kind, integer for float ({shown})")
     raise ModelLoadError(
         f"{source}: the {what.replace('_', ' ')} does not match the {variant} architecture detected from it: "
         + "; ".join(problems)

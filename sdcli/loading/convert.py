@@ -7,12 +7,13 @@ import warnings
 from pathlib import Path
 
 from sdcli.errors import SdcliError
-from sdcli.fileio import atomic_path
+from sdcli.fileio import atomic_path, check_output
 
 
 def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     """Read only tensors (torch.load(weights_only=True)) and write them to `dst`; returns the count."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
@@ -20,6 +21,7 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
         raise SdcliError(f"checkpoint not found: {src}")
     if dst.suffix != ".safetensors":
         raise SdcliError(f"the output must end in .safetensors, not {dst.name}")
+    check_output(dst, overwrite)  # before the (possibly long) read
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
@@ -52,5 +54,8 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     if not tensors:
         raise SdcliError(f"{src} holds no tensors")
     with atomic_path(dst, overwrite) as tmp:
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as e:  # safetensors reports its I/O failures this way
+            raise OSError(str(e)) from None
     return len(tensors)
