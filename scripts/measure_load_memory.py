@@ -48,20 +48,8 @@ print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def write_checkpoint(path: Path, dtype: str) -> None:
-    code = rf"""
-import torch
-from safetensors.torch import save_file
-from sdcli.config import ARCHITECTURES
-from sdcli.loading import original_layout
-from sdcli.models import StableDiffusion
-with torch.device("meta"):
-    model = StableDiffusion(ARCHITECTURES["sd15"])
-g = torch.Generator().manual_seed(0)
-dtype = torch.{'float16' if dtype == 'fp16' else 'float32'}
-state = {{k: (torch.randn(v.shape, generator=g) * 0.02).to(dtype) for k, v in original_layout(model).items()}}
-save_file(state, {str(path)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
+    script = Path(__file__).resolve().parent / "make_random_model.py"
+    subprocess.run([sys.executable, str(script), str(path), "--arch", "sd15", "--dtype", dtype], check=True)
 
 
 def write_diffusers_config(folder: Path) -> None:

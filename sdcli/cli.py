@@ -67,6 +67,7 @@ def info(
                  f"width {text['width']}, conditioning on the "
                  f"{'penultimate' if text['skip_last_layers'] else 'last'} layer"),
     ]
+    rows.append(("tokenizer", summary["tokenizer"]))
     if summary["vae_file"]:
         rows.append(("vae file", summary["vae_file"]))
     for name, comp in summary["components"].items():

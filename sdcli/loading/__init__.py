@@ -137,6 +137,8 @@ class Checkpoint:
                 "activation": cfg.text.activation, "skip_last_layers": cfg.text.skip_last_layers,
             },
             "vae_file": str(self.vae_path) if self.vae_path else None,
+            "tokenizer": str(self.tokenizer_dir) if self.tokenizer_dir else f"built-in CLIP BPE, padding with "
+            f"{cfg.text.pad_token!r}",
             "components": {
                 name: {"parameters": p.parameters, "dtypes": p.dtypes, "source": p.source}
                 for name, p in self.parts.items()
