@@ -27,13 +27,15 @@ class Prediction(str, enum.Enum):
     v = "v"
 
 
-# Options shared by every command that loads a model.
+# Options shared by every command that loads a model. Paths stay strings so that the loader sees
+# exactly what was typed (typer would turn "" into ".").
 ModelArg = Annotated[
-    Path, typer.Argument(help="A .safetensors checkpoint (original layout) or a diffusers model folder.",
-                         show_default=False)
+    str, typer.Argument(help="A .safetensors checkpoint (original layout) or a diffusers model folder.",
+                        show_default=False, metavar="MODEL")
 ]
 VaeOpt = Annotated[
-    Optional[Path], typer.Option("--vae", help="Replace the model's VAE with this .safetensors file or folder.")
+    Optional[str],
+    typer.Option("--vae", help="Replace the model's VAE with this .safetensors file or folder.", metavar="PATH"),
 ]
 PredictionOpt = Annotated[
     Optional[Prediction],
@@ -105,9 +107,9 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx else ""
         message = (e.format_message() if hasattr(e, "format_message") else str(e)).replace("Value error, ", "")
-        print(f"sdcli: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        print(f"sdcli: error: {' '.join(message.split())}{hint}", file=sys.stderr)  # one line, always
         sys.exit(getattr(e, "exit_code", 2))
     except SdcliError as e:
-        print(f"sdcli: error: {e}", file=sys.stderr)
+        print(f"sdcli: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)  # one line, even for odd paths
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

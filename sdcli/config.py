@@ -7,7 +7,21 @@ lives in ModelConfig and never inside a module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field, fields, replace
+
+
+def _check(cfg, minimum: dict[str, int] | None = None) -> None:
+    """Configs come from files: every int field must be an int of at least its minimum (default 1),
+    every tuple non-empty. Raises ValueError naming the field."""
+    minimum = minimum or {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in ("int", int):
+            if type(value) is not int or value < minimum.get(f.name, 1):
+                raise ValueError(f"{f.name} must be an integer >= {minimum.get(f.name, 1)}, not {value!r}")
+        elif str(f.type).startswith("tuple") and (not isinstance(value, tuple) or not value):
+            raise ValueError(f"{f.name} must be a non-empty list, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -28,9 +42,12 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        _check(self, {"head_dim": 0, "num_classes": 0})
         n = len(self.channel_mult)
         if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
             raise ValueError("attention_levels and cross_attention_only need one entry per channel_mult level")
+        if any(type(m) is not int or m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel multipliers must be positive integers, not {self.channel_mult}")
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, head dim) of a spatial transformer of this width."""
@@ -53,6 +70,11 @@ class VAEConfig:
     z_channels: int = 4  # channels between encoder/decoder and the quant convs
     embed_dim: int = 4  # latent channels
 
+    def __post_init__(self):
+        _check(self)
+        if any(type(m) is not int or m < 1 for m in self.ch_mult):
+            raise ValueError(f"channel multipliers must be positive integers, not {self.ch_mult}")
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -72,6 +94,15 @@ class TextEncoderConfig:
     pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!"
     projection_dim: int = 0  # OpenCLIP text_projection, kept only so single files round-trip
 
+    def __post_init__(self):
+        _check(self, {"skip_last_layers": 0, "projection_dim": 0})
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} does not split into {self.heads} heads")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unsupported text encoder activation {self.activation!r}")
+        if self.skip_last_layers >= self.layers:
+            raise ValueError(f"cannot skip {self.skip_last_layers} of {self.layers} layers")
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -79,6 +110,14 @@ class NoiseSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        _check(self)
+        if self.beta_schedule not in ("linear", "scaled_linear"):
+            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (self.beta_start, self.beta_end)) \
+                or not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"betas must satisfy 0 < beta_start < beta_end < 1, not {self.beta_start}, {self.beta_end}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +129,12 @@ class ModelConfig:
     prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
     latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+
+    def __post_init__(self):
+        if self.family not in ("sd1", "sd2") or self.prediction not in ("eps", "v"):
+            raise ValueError(f"unknown family {self.family!r} or prediction {self.prediction!r}")
+        if not isinstance(self.latent_scale, float) or not math.isfinite(self.latent_scale) or self.latent_scale <= 0:
+            raise ValueError(f"latent scale must be a positive number, not {self.latent_scale!r}")
 
     @property
     def task(self) -> str:

@@ -52,6 +52,11 @@ def test_malicious_pickle_is_refused_and_nothing_runs_or_is_written(tmp_path, ru
 
 
 def test_convert_checks_the_output_before_reading(tmp_path, run_cli):
+    junk = tmp_path / "junk.ckpt"  # reading it would fail: the error must be about the output
+    junk.write_text("not a checkpoint")
+    (tmp_path / "taken.safetensors").write_bytes(b"precious")
+    code, _, err = run_cli("convert", junk, tmp_path / "taken.safetensors")
+    assert code == 2 and "already exists" in err
     ckpt = tmp_path / "a.ckpt"
     torch.save({"w": torch.ones(2)}, ckpt)
     (tmp_path / "dir.safetensors").mkdir()
@@ -74,6 +79,21 @@ def test_convert_write_failure_is_one_line(tmp_path, run_cli, monkeypatch):
     code, _, err = run_cli("convert", ckpt, out)
     assert code == 2 and "cannot write" in err and "No space left" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+
+
+def test_convert_long_output_name_and_odd_tensors(tmp_path, run_cli):
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    out = tmp_path / ("c" * 240 + ".safetensors")  # legal, and longer than a name-derived temp file could be
+    code, _, err = run_cli("convert", ckpt, out)
+    assert code == 0 and out.exists(), err
+    sparse = tmp_path / "sparse.ckpt"
+    torch.save({"w": torch.eye(3).to_sparse()}, sparse)
+    code, _, err = run_cli("convert", sparse, tmp_path / "s.safetensors")
+    assert code == 2 and "cannot store" in err and "Traceback" not in err
+    torch.save({1: torch.ones(1)}, tmp_path / "intkeys.ckpt")
+    code, _, err = run_cli("convert", tmp_path / "intkeys.ckpt", tmp_path / "i.safetensors")
+    assert code == 2 and "cannot store" in err
 
 
 def test_convert_input_errors(tmp_path, run_cli):

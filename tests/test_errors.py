@@ -229,7 +229,7 @@ def test_widths_that_cannot_be_built(tiny, tmp_path, run_cli):
         return s
 
     path = broken_copy(tiny, tmp_path, widen)
-    assert_cli_error(run_cli, path, str(path), "cannot be built")
+    assert_cli_error(run_cli, path, str(path), "UNet tensor shapes do not fit")
 
 
 def test_detection_tensor_of_the_wrong_rank(tiny, tmp_path, run_cli):
@@ -260,6 +260,32 @@ def test_integer_tensor_where_a_float_belongs(tiny, tmp_path, run_cli):
 
     path = broken_copy(tiny, tmp_path, to_int)
     assert_cli_error(run_cli, path, "wrong kind", key, "int8")
+
+
+@pytest.mark.parametrize("component,key,value,needle", [
+    ("unet", "cross_attention_dim", None, "context_dim must be an integer"),
+    ("unet", "cross_attention_dim", [1, 2], "context_dim must be an integer"),
+    ("unet", "in_channels", "4", "in_channels must be an integer"),
+    ("unet", "in_channels", -1, "in_channels must be an integer"),
+    ("text_encoder", "num_attention_heads", 3, "does not split into 3 heads"),
+    ("text_encoder", "num_attention_heads", 0, "heads must be an integer"),
+    ("text_encoder", "hidden_size", None, "width must be an integer"),
+    ("text_encoder", "num_hidden_layers", "2", "layers must be an integer"),
+    ("text_encoder", "hidden_act", None, "unsupported text encoder activation"),
+    ("vae", "layers_per_block", None, "num_res_blocks must be an integer"),
+    ("vae", "scaling_factor", float("nan"), "scaling_factor nan is not a positive number"),
+    ("scheduler", "prediction_type", ["epsilon"], "unsupported prediction_type"),
+    ("scheduler", "beta_schedule", "foo", "unsupported beta_schedule 'foo'"),
+    ("scheduler", "beta_start", "x", "betas must satisfy"),
+])
+def test_wrong_config_values(tiny, tmp_path, run_cli, component, key, value, needle):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    path = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    cfg = json.loads(path.read_text())
+    cfg[key] = value
+    path.write_text(json.dumps(cfg))
+    assert_cli_error(run_cli, folder, needle)
 
 
 @pytest.mark.parametrize("damage", ["config-list", "scheduler-list", "index-list", "empty-widths", "bad-scale",
@@ -296,3 +322,33 @@ def test_damaged_diffusers_configs(tiny, tmp_path, run_cli, damage):
         sched.write_text(json.dumps(cfg))
         needle = "unsupported prediction_type 'sample'"
     assert_cli_error(run_cli, folder, needle)
+
+
+def test_vae_factor_is_checked_when_the_model_has_no_vae(tiny, tmp_path, run_cli):
+    state = load_file(str(tiny("x4").single_file))
+    path = tmp_path / "x4-novae.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, str(path))
+    assert_cli_error(run_cli, path, "shrinks images 8x", "needs 4x", extra=("--vae", tiny("sd1").single_file))
+
+
+def test_unet_folder_passed_as_vae(tiny, run_cli):
+    assert_cli_error(run_cli, tiny("sd1").single_file, "not a VAE folder", "UNet2DConditionModel",
+                     extra=("--vae", tiny("sd1").folder / "unet"))
+
+
+def test_damaged_tokenizer_json(tiny, tmp_path, run_cli):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("sd1").folder, folder)
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    (folder / "tokenizer" / "tokenizer.json").write_text("{broken")
+    assert_cli_error(run_cli, folder, "tokenizer", "cannot be read")
+
+
+def test_odd_paths(tiny, tmp_path, run_cli):
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    assert_cli_error(run_cli, long, "cannot read", "too long")
+    assert_cli_error(run_cli, "", "empty path")
+    assert_cli_error(run_cli, tiny("sd1").single_file, "empty path", extra=("--vae", ""))
+    newline = tmp_path / "two\nlines.safetensors"
+    assert_cli_error(run_cli, newline, "model not found")

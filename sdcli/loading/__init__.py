@@ -8,7 +8,9 @@ or `load_model(path, ...)` for both steps.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,24 +41,19 @@ _IGNORED = re.compile(
 class Part:
     """One component's tensors as the file names them, and how those names map to our modules."""
 
-    tensors: State  # lazy (memory-mapped) tensors, keyed as in the file
+    tensors: State  # the file's names, shapes and dtypes, as meta tensors: no data is read until load
     source: str  # the file, for messages
     layout: Callable[[list[str]], Layout]  # our module's keys -> Layout
     files: dict[str, Path]  # the file that holds each tensor
 
     def materialize(self, device, dtype: torch.dtype) -> State:
-        """The tensors on `device` in `dtype` (floating point only): the mapped tensors themselves
-        where nothing changes, else converted through short-lived mappings so that the source
-        pages never pile up in RAM next to the converted weights."""
-        out, todo = {}, {}
-        for k, t in self.tensors.items():
-            target = dtype if t.is_floating_point() else t.dtype
-            if t.dtype == target and torch.device(device).type == "cpu":
-                out[k] = t
-            else:
-                todo.setdefault(self.files[k], []).append(k)
-        for path, keys in todo.items():
-            out.update(_read_converted(path, keys, device, dtype))
+        """The tensors on `device`, floating point ones in `dtype`."""
+        by_file: dict[Path, list[str]] = {}
+        for k in self.tensors:
+            by_file.setdefault(self.files[k], []).append(k)
+        out: State = {}
+        for path, keys in by_file.items():
+            out.update(_read(path, keys, device, dtype))
         return out
 
     @property
@@ -85,7 +82,7 @@ class Checkpoint:
         try:
             with torch.device("meta"):
                 return StableDiffusion(self.config)
-        except ValueError as e:  # widths GroupNorm or the attention heads cannot split, from a malformed file
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # widths GroupNorm or heads cannot split
             raise ModelLoadError(f"{self.path}: the architecture detected from it cannot be built ({e})") from None
 
     def check(self):
@@ -97,9 +94,27 @@ class Checkpoint:
             _check_tensors(part.tensors, layouts[name].to_file(expected), part.source, self.config.variant, name)
         return model, layouts
 
-    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    @functools.cached_property
+    def tokenizer(self):
+        """The folder's own tokenizer or the built-in CLIP one, checked against the text encoder."""
         from sdcli.models.text import clip_tokenizer, folder_tokenizer
 
+        if not self.tokenizer_dir:
+            tokenizer, source = clip_tokenizer(self.config.text.pad_token), "the built-in CLIP tokenizer"
+        else:
+            source = str(self.tokenizer_dir)
+            try:
+                tokenizer = folder_tokenizer(self.tokenizer_dir)
+            except Exception as e:  # transformers and tokenizers raise many types for damaged files
+                raise ModelLoadError(f"{source} cannot be read: {type(e).__name__}: {e}"[:300]) from None
+        if len(tokenizer) != self.config.text.vocab_size:
+            raise ModelLoadError(
+                f"{source} has {len(tokenizer)} tokens but the text encoder has {self.config.text.vocab_size}: "
+                "the tokenizer is incomplete or belongs to another model"
+            )
+        return tokenizer
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         model, layouts = self.check()
         for name, part in self.parts.items():
             module = model.component(name)
@@ -107,15 +122,7 @@ class Checkpoint:
             ours = layouts[name].from_file(part.materialize(device, dtype))
             module.load_state_dict({k: _fit(v, expected[k]) for k, v in ours.items()}, strict=True, assign=True)
         model.text_encoder.reset_position_ids()
-        if self.tokenizer_dir:
-            model.tokenizer = folder_tokenizer(self.tokenizer_dir)
-            if len(model.tokenizer) != self.config.text.vocab_size:
-                raise ModelLoadError(
-                    f"{self.tokenizer_dir} has {len(model.tokenizer)} tokens but the text encoder has "
-                    f"{self.config.text.vocab_size}: the tokenizer folder is incomplete or belongs to another model"
-                )
-        else:
-            model.tokenizer = clip_tokenizer(self.config.text.pad_token)
+        model.tokenizer = self.tokenizer
         return model.eval().requires_grad_(False)
 
     def summary(self) -> dict:
@@ -160,10 +167,12 @@ def load_model(
 
 def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction: str | None = None) -> Checkpoint:
     """Open a model, detect its architecture and check every tensor, without reading the weights."""
+    if not str(path).strip() or (vae is not None and not str(vae).strip()):
+        raise ModelLoadError("an empty path was given for the model or the VAE")
     path = Path(path).expanduser()
     if prediction is not None and prediction not in PREDICTIONS:
         raise ModelLoadError(f"unknown prediction type {prediction!r}: use 'eps' or 'v'")
-    if not path.exists():
+    if not _exists(path):
         raise ModelLoadError(f"model not found: {path}")
     if path.is_dir():
         ckpt = _diffusers_folder(path)
@@ -179,10 +188,18 @@ def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction
         ckpt.config = replace(ckpt.config, prediction=PREDICTIONS[prediction])
         ckpt.prediction_source = "set by the user"
     ckpt.check()
+    ckpt.tokenizer  # noqa: B018  (read and checked now, so that `info` reports a bad one)
     return ckpt
 
 
 # --- files ---------------------------------------------------------------------------------------
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as e:  # a name too long for the file system, ...
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _pickle_error(path: Path) -> ModelLoadError:
@@ -205,12 +222,24 @@ def _open_safetensors(path: Path) -> State:
         raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # memory-mapped: nothing is read yet
+            slices = {k: f.get_slice(k) for k in f.keys()}  # the header only
+            header = {k: (s.get_shape(), s.get_dtype()) for k, s in slices.items()}
     except Exception as e:  # safetensors raises its own error types for every kind of bad header
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch zip archive or a raw pickle, renamed
             raise _pickle_error(path) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path} is not a model file: it is not a valid .safetensors file ({reason})") from None
+    unknown = sorted(k for k, (_, dtype) in header.items() if dtype not in _DTYPES)
+    if unknown:
+        raise ModelLoadError(f"{path}: tensor {unknown[0]} has dtype {header[unknown[0]][1]}, which sdcli cannot load")
+    return {k: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for k, (shape, dtype) in header.items()}
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _shapes(tensors: State, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -380,7 +409,7 @@ def _diffusers_folder(path: Path) -> Checkpoint:
     sched = _read_json(configs["scheduler"]) if configs["scheduler"].is_file() else {}
     family = "sd2" if text_json.get("hidden_act") == "gelu" else "sd1"  # OpenCLIP (SD 2.x) uses gelu
     scale = vae_json.get("scaling_factor", 0.18215)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ModelLoadError(f"{configs['vae']}: scaling_factor {scale!r} is not a positive number")
     cfg = ModelConfig(
         unet=_from_config(detect.unet_from_diffusers, unet_json, configs["unet"]),
@@ -392,7 +421,7 @@ def _diffusers_folder(path: Path) -> Checkpoint:
         schedule=_from_config(lambda c, _: detect.schedule_from_diffusers(c), sched, configs["scheduler"]),
     )
     if "prediction_type" in sched:
-        if sched["prediction_type"] not in PREDICTIONS:
+        if not isinstance(sched["prediction_type"], str) or sched["prediction_type"] not in PREDICTIONS:
             raise ModelLoadError(
                 f"{configs['scheduler']}: unsupported prediction_type {sched['prediction_type']!r} "
                 "(sdcli supports 'epsilon' and 'v_prediction')"
@@ -439,13 +468,16 @@ def _tokenizer_dir(path: Path) -> Path | None:
 
 def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
     """Replace the checkpoint's VAE with one from a file or folder (LDM or diffusers names)."""
-    if not path.exists():
+    if not _exists(path):
         raise ModelLoadError(f"VAE not found: {path}")
     src = str(path)
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         config_file = folder / "config.json"
-        vae_cfg = _from_config(detect.vae_from_diffusers, _read_json(config_file), config_file)
+        vae_json = _read_json(config_file)
+        if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ModelLoadError(f"{folder} is not a VAE folder: its config describes a {vae_json['_class_name']}")
+        vae_cfg = _from_config(detect.vae_from_diffusers, vae_json, config_file)
         tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
         layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
     else:
@@ -466,10 +498,13 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
             f"{src}: this VAE has {vae_cfg.embed_dim} latent channels but the model's UNet denoises "
             f"{ckpt.config.unet.out_channels}; it does not belong to this model"
         )
-    if "vae" in ckpt.parts and vae_cfg.downsample_factor != ckpt.config.vae.downsample_factor:
+    # without a VAE of its own to compare with, the model's kind says it: 4x for the x4 upscaler, else 8x
+    factor = ckpt.config.vae.downsample_factor if "vae" in ckpt.parts else (
+        4 if ckpt.config.task == "upscale-x4" else 8)
+    if vae_cfg.downsample_factor != factor:
         raise ModelLoadError(
-            f"{src}: this VAE shrinks images {vae_cfg.downsample_factor}x but the model's own VAE "
-            f"{ckpt.config.vae.downsample_factor}x; it does not belong to this model"
+            f"{src}: this VAE shrinks images {vae_cfg.downsample_factor}x but the model needs {factor}x; "
+            "it does not belong to this model"
         )
     ckpt.config = replace(ckpt.config, vae=vae_cfg)
     ckpt.parts["vae"] = Part(tensors, src, layout, files)
@@ -523,19 +558,24 @@ def _fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(like.shape) if t.shape != like.shape else t  # Linear <-> 1x1 conv; a view
 
 
-def _read_converted(path: Path, keys: list[str], device, dtype: torch.dtype, chunk: int = 256 << 20) -> State:
-    """Convert tensors of one file, reopening it every `chunk` bytes: each handle's mapping (and the
-    source pages it made resident) is released before the next one is opened."""
+def _read(path: Path, keys: list[str], device, dtype: torch.dtype, chunk: int = 256 << 20) -> State:
+    """Tensors of one file. Those that stay as they are remain views of the memory-mapped file (no
+    copy); the others are converted, and the file is reopened every `chunk` converted bytes so that
+    each mapping, with the source pages it made resident, is released before the next is opened."""
     from safetensors import safe_open
 
+    cpu = torch.device(device).type == "cpu"
     out, i = {}, 0
     while i < len(keys):
         with safe_open(str(path), framework="pt") as f:
-            done = 0
-            while i < len(keys) and done < chunk:
+            converted = 0
+            while i < len(keys) and converted < chunk:
                 t = f.get_tensor(keys[i])
-                out[keys[i]] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                done += t.numel() * t.element_size()
+                target = dtype if t.is_floating_point() else t.dtype
+                if t.dtype != target or not cpu:
+                    converted += t.numel() * t.element_size()
+                    t = t.to(device=device, dtype=target)
+                out[keys[i]] = t
                 i += 1
     return out
 

@@ -47,6 +47,9 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     tensors, seen = {}, set()
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
+            if not isinstance(k, str) or v.layout != torch.strided or v.is_meta:
+                raise SdcliError(f"{src} holds a tensor safetensors cannot store ({k!r}: {v.layout}, {v.device}); "
+                                 "it is not a model checkpoint sdcli can convert")
             ptr = v.untyped_storage().data_ptr()
             # safetensors refuses tensors that share memory: copy the second and later ones
             tensors[k] = v.contiguous().clone() if ptr in seen else v.contiguous()
