@@ -12,16 +12,17 @@ from dataclasses import dataclass, field, fields, replace
 
 
 def _check(cfg, minimum: dict[str, int] | None = None) -> None:
-    """Configs come from files: every int field must be an int of at least its minimum (default 1),
-    every tuple non-empty. Raises ValueError naming the field."""
+    """Configs come from files: every int field (and every entry of an int tuple) must be an int of
+    at least its minimum (default 1), every tuple non-empty. Raises ValueError naming the field."""
     minimum = minimum or {}
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.type in ("int", int):
-            if type(value) is not int or value < minimum.get(f.name, 1):
-                raise ValueError(f"{f.name} must be an integer >= {minimum.get(f.name, 1)}, not {value!r}")
-        elif str(f.type).startswith("tuple") and (not isinstance(value, tuple) or not value):
+        value, least = getattr(cfg, f.name), minimum.get(f.name, 1)
+        if f.type == "int" and (type(value) is not int or value < least):
+            raise ValueError(f"{f.name} must be an integer >= {least}, not {value!r}")
+        if f.type.startswith("tuple") and (not isinstance(value, tuple) or not value):
             raise ValueError(f"{f.name} must be a non-empty list, not {value!r}")
+        if f.type == "tuple[int, ...]" and any(type(v) is not int or v < least for v in value):
+            raise ValueError(f"{f.name} must hold integers >= {least}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ class UNetConfig:
         n = len(self.channel_mult)
         if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
             raise ValueError("attention_levels and cross_attention_only need one entry per channel_mult level")
-        if any(type(m) is not int or m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel multipliers must be positive integers, not {self.channel_mult}")
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, head dim) of a spatial transformer of this width."""
@@ -72,8 +71,6 @@ class VAEConfig:
 
     def __post_init__(self):
         _check(self)
-        if any(type(m) is not int or m < 1 for m in self.ch_mult):
-            raise ValueError(f"channel multipliers must be positive integers, not {self.ch_mult}")
 
     @property
     def downsample_factor(self) -> int:

@@ -162,11 +162,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ):
     """Load a single-file .safetensors or a diffusers folder into a StableDiffusion model."""
-    return inspect_model(path, vae=vae, prediction=prediction).load(device, dtype)
+    return _open(path, vae, prediction).load(device, dtype)  # load() runs the strict check itself
 
 
 def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction: str | None = None) -> Checkpoint:
     """Open a model, detect its architecture and check every tensor, without reading the weights."""
+    ckpt = _open(path, vae, prediction)
+    ckpt.check()
+    ckpt.tokenizer  # noqa: B018  (read and checked now, so that `info` reports a bad one)
+    return ckpt
+
+
+def _open(path: str | Path, vae: str | Path | None, prediction: str | None) -> Checkpoint:
+    """The checkpoint with its configs detected; its tensors not yet checked."""
     if not str(path).strip() or (vae is not None and not str(vae).strip()):
         raise ModelLoadError("an empty path was given for the model or the VAE")
     path = Path(path).expanduser()
@@ -187,8 +195,6 @@ def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction
     if prediction is not None:
         ckpt.config = replace(ckpt.config, prediction=PREDICTIONS[prediction])
         ckpt.prediction_source = "set by the user"
-    ckpt.check()
-    ckpt.tokenizer  # noqa: B018  (read and checked now, so that `info` reports a bad one)
     return ckpt
 
 
