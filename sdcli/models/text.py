@@ -99,7 +99,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 
 def folder_tokenizer(path: Path):

@@ -1,0 +1,133 @@
+"""The generation engine: a loaded model on a device, and the steps every pipeline is made of
+(encode the prompt, prepare latents, denoise, decode). txt2img is those steps in order."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sdcli.errors import SdcliError
+from sdcli.prompting import encode_prompts
+from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one image is denoised (a resolved request: no defaults left open)."""
+
+    steps: int = 20  # denoising steps (UNet calls: Heun and PLMS add about one per step)
+    cfg_scale: float = 7.0  # classifier-free guidance; 1 turns the unconditional pass off
+    sampler: str = "dpm++2m"  # a key of sampling.SAMPLERS
+    schedule: str = "karras"  # a key of sampling.SCHEDULES
+    clip_skip: int = 1  # 1: the model's own text layer; 2: the one before (A1111's "Clip skip")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SdcliError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SdcliError("--device mps: Apple MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """auto: fp16 autocast on CUDA, fp32 elsewhere (CPU half precision is many times slower)."""
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return name
+
+
+class Engine:
+    """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
+
+    def __init__(self, model, device: torch.device, precision: str = "fp32"):
+        self.model, self.device, self.precision = model, device, precision
+        self.cfg = model.cfg
+        self.table = DiscreteSigmas(model.cfg.schedule)
+        self.denoiser = CFGDenoiser(Denoiser(model.unet, self.table, model.cfg.prediction))
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # 1. encode the prompt
+    def encode(self, prompt: str, negative_prompt: str, clip_skip: int, cfg_scale: float):
+        """-> (cond [1, L, D], uncond [1, L, D] or None when guidance is off)."""
+        with torch.inference_mode(), self.autocast():
+            if cfg_scale == 1:
+                return encode_prompts(self.model, [prompt], clip_skip).float(), None
+            cond, uncond = encode_prompts(self.model, [prompt, negative_prompt], clip_skip).float().chunk(2)
+        return cond, uncond
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        f = self.cfg.vae.downsample_factor
+        return self.cfg.unet.out_channels, height // f, width // f
+
+    # 2. prepare latents
+    @staticmethod
+    def generators(seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    def noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+        """[B, *shape] standard normal, one draw per image from its own CPU generator (as diffusers does
+        with a list of generators), so a seed gives the same image on every device and batch size."""
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(self.device)
+
+    def sigmas(self, s: Sampling) -> torch.Tensor:
+        return SCHEDULES[s.schedule](self.table, s.steps)
+
+    # 3. denoise
+    def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, s: Sampling, cond, uncond, generators,
+                callback: Callable[[int], None] | None = None, model=None) -> torch.Tensor:
+        """Run the sampler from noise level sigmas[0] to sigmas[-1]; `model` wraps the guided denoiser
+        (img2img and inpainting blends)."""
+        b = x.shape[0]
+        extra = {"cond": cond.expand(b, -1, -1),
+                 "uncond": None if uncond is None else uncond.expand(b, -1, -1), "cond_scale": s.cfg_scale}
+        sampler = SAMPLERS[s.sampler]
+        noise = (lambda sigma, sigma_next: self.noise(generators, tuple(x.shape[1:]))) if sampler.stochastic else None
+        with torch.inference_mode(), self.autocast():
+            return sampler.fn(model or self.denoiser, x, sigmas, extra, callback, noise).float()
+
+    # 4. decode
+    def decode(self, latents: torch.Tensor, sigma_last: float = 0.0) -> torch.Tensor:
+        """Latents at noise level sigma_last -> uint8 images [B, H, W, 3] on the CPU."""
+        # A sampler that stops above 0 (DDIM, PLMS) leaves x = x0 + sigma * eps; the VAE takes the UNet's
+        # unit-variance scale of it, as diffusers decodes it.
+        z = latents / math.sqrt(1 + sigma_last**2) / self.cfg.latent_scale
+        with torch.inference_mode():
+            with self.autocast():
+                images = self.model.vae.decode(z)
+            if self.precision != "fp32" and not torch.isfinite(images).all():
+                images = self.model.vae.decode(z)  # fp16 VAEs overflow on some images: redo it in fp32
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu()
+
+
+def txt2img(engine: Engine, prompt: str, negative_prompt: str, s: Sampling, seeds: list[int], width: int,
+            height: int, callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Text to images: one per seed -> uint8 [len(seeds), height, width, 3]."""
+    # 1. encode the prompt
+    cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
+    # 2. prepare latents: noise at the first sigma
+    sigmas = engine.sigmas(s)
+    generators = engine.generators(seeds)
+    sigma0 = float(sigmas[0])
+    scale = math.sqrt(1 + sigma0**2) if SAMPLERS[s.sampler].vp_start else sigma0
+    x = engine.noise(generators, engine.latent_shape(width, height)) * scale
+    # 3. denoise
+    latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
+    # 4. decode
+    return engine.decode(latents, float(sigmas[-1]))

@@ -1,0 +1,325 @@
+"""Generation parameters stored in PNG files, in the form AUTOMATIC1111's web UI writes and reads.
+
+Each image gets two text chunks:
+
+* "parameters": the A1111 "infotext" (prompt, negative prompt, then one line of `Key: value` pairs),
+  so that A1111, Forge, ComfyUI loaders and image sites show and re-use our settings;
+* "sdcli": the whole image record as JSON, so that sdcli itself can re-render the image exactly,
+  including what the infotext cannot hold (model path, precision, batch index, ...).
+
+`from_parameters` also reads infotexts written by A1111/Forge, mapping their labels back to our names.
+`model_hash` computes A1111's "AutoV2" model hash, cached because it reads the whole model file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from sdcli.errors import SdcliError
+
+SAMPLER_LABELS: dict[str, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm++2m": "DPM++ 2M",
+    "dpm++2m_sde": "DPM++ 2M SDE",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+}
+SCHEDULE_LABELS: dict[str, str] = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "ddim": "DDIM",
+}
+# Labels are matched case-insensitively: hand-edited and third-party infotexts vary in case.
+_SAMPLER_NAMES = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
+_SCHEDULE_NAMES = {label.lower(): name for name, label in SCHEDULE_LABELS.items()}
+
+_NEGATIVE = "Negative prompt:"
+# One `Key: value` pair of the settings line; a value is either JSON-quoted (and may then hold
+# commas and colons) or runs to the next comma. Keys never hold commas or colons.
+_PAIR = re.compile(r'\s*(\w[^,:"\n]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"(\d+)x(\d+)")
+# A1111 treats the last line as settings only if it holds at least this many pairs;
+# otherwise the last line is part of the prompt.
+_MIN_PAIRS = 3
+
+HASH_BLOCK = 8 << 20
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _quote(value) -> str:
+    """A value as A1111 writes it: JSON-quoted only if it would otherwise break the pair syntax."""
+    text = str(value)
+    # A1111 quotes for , : and newline; we also quote a '"' so that `"a", b` can't be misread as quoted.
+    if any(c in text for c in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:  # a stray quote pair, not JSON: keep it as written
+            return value
+    return value
+
+
+def _number(value: float) -> str:
+    """7.0 -> "7", 7.5 -> "7.5": how A1111's infotexts show the CFG scale."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def to_parameters(record: dict) -> str:
+    """The A1111 infotext for an image record (the "parameters" PNG chunk)."""
+    pairs = {
+        "Steps": record["steps"],
+        "Sampler": SAMPLER_LABELS.get(record["sampler"], record["sampler"]),
+        "Schedule type": SCHEDULE_LABELS.get(record["schedule"], record["schedule"]),
+        "CFG scale": _number(record["cfg_scale"]),
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+        "Model hash": record.get("model_hash"),
+        "Model": record.get("model") or None,
+        "VAE": record.get("vae"),
+        "Clip skip": record["clip_skip"] if record.get("clip_skip", 1) > 1 else None,
+        # Not an A1111 key, but a v-prediction image can't be re-rendered as eps; A1111 keeps
+        # such extra keys after its own and before Version.
+        "Prediction": "v" if record.get("prediction") == "v" else None,
+        "Version": record.get("version"),
+    }
+    settings = ", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items() if value is not None)
+    negative = record.get("negative_prompt") or ""
+    negative_line = f"\n{_NEGATIVE} {negative}" if negative else ""
+    # A1111 strips the whole text, so an empty prompt leaves the settings on the first line.
+    return f"{record['prompt']}{negative_line}\n{settings}".strip()
+
+
+def _sampler_fields(label: str) -> dict | None:
+    """Our sampler (and schedule) for an A1111 sampler label, or None if we have no such sampler.
+
+    A1111 before 1.9 put the schedule inside the sampler name ("DPM++ 2M Karras").
+    """
+    key = label.strip().lower()
+    if key in _SAMPLER_NAMES:
+        return {"sampler": _SAMPLER_NAMES[key]}
+    for schedule_label, schedule in _SCHEDULE_NAMES.items():
+        base = key.removesuffix(" " + schedule_label)
+        if base != key and base in _SAMPLER_NAMES:
+            return {"sampler": _SAMPLER_NAMES[base], "schedule": schedule}
+    return None
+
+
+def _parse_setting(key: str, value: str) -> dict | None:
+    """The record fields for one settings pair, or None if it maps to none of ours."""
+    try:
+        if key == "Steps":
+            return {"steps": int(value)}
+        if key == "CFG scale":
+            return {"cfg_scale": float(value)}
+        if key == "Seed":
+            return {"seed": int(value)}
+        if key == "Clip skip":
+            return {"clip_skip": int(value)}
+    except ValueError:  # not a number: kept as written under "extra"
+        return None
+    if key == "Size":
+        m = _SIZE.fullmatch(value.strip())
+        return {"width": int(m[1]), "height": int(m[2])} if m else None
+    if key == "Sampler":
+        return _sampler_fields(value)
+    if key == "Schedule type":
+        schedule = _SCHEDULE_NAMES.get(value.strip().lower())
+        return {"schedule": schedule} if schedule else None
+    if key == "Prediction":
+        return {"prediction": value} if value in ("eps", "v") else None
+    text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "Version": "version"}
+    if key in text_fields:
+        return {text_fields[key]: value}
+    return None
+
+
+def from_parameters(text: str) -> dict:
+    """Parse an A1111 infotext (ours, A1111's or Forge's) into record fields.
+
+    The result has "prompt" and "negative_prompt", plus only the fields the text states. Settings
+    sdcli has no field for (or values it can't map, such as an unknown sampler) are kept, unquoted,
+    under "extra" with their A1111 names; "extra" is absent when there are none.
+    """
+    *lines, last = text.replace("\r\n", "\n").strip().split("\n")
+    if len(_PAIR.findall(last)) < _MIN_PAIRS:
+        lines.append(last)
+        last = ""
+
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if not negative and line.startswith(_NEGATIVE):
+            line = line[len(_NEGATIVE):]
+            negative.append(line[1:] if line.startswith(" ") else line)
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    record: dict = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+
+    extra: dict[str, str] = {}
+    # A1111 writes "Schedule type" after "Sampler", so it wins over a schedule in an old-style sampler name.
+    for key, raw in _PAIR.findall(last):
+        value = _unquote(raw)
+        fields = _parse_setting(key, value)
+        if fields is None:
+            extra[key] = value
+        else:
+            record.update(fields)
+    if extra:
+        record["extra"] = extra
+    return record
+
+
+def png_info(record: dict) -> PngInfo:
+    """PNG text chunks for an image: the A1111 "parameters" text and our "sdcli" JSON record."""
+    info = PngInfo()
+    parameters = to_parameters(record)
+    try:
+        parameters.encode("latin-1")
+    except UnicodeEncodeError:  # tEXt holds latin-1 only; iTXt holds UTF-8
+        info.add_itxt("parameters", parameters)
+    else:
+        info.add_text("parameters", parameters)
+    info.add_itxt("sdcli", json.dumps(record))
+    return info
+
+
+def encode_png(image: Image.Image, record: dict) -> bytes:
+    """The image as PNG bytes with its generation parameters."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(record))
+    return buffer.getvalue()
+
+
+def _has_png_signature(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def _png_text(path) -> dict[str, str]:
+    """All text chunks of a PNG file, with one-line errors for anything that isn't one."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise SdcliError(f"{path} is a {image.format} image, not a PNG: no generation parameters to read")
+            return dict(image.text)
+    except UnidentifiedImageError:
+        if _has_png_signature(path):  # Pillow can't tell a damaged PNG from a non-image
+            raise SdcliError(f"cannot read {path}: damaged PNG") from None
+        raise SdcliError(f"{path} is not an image file: expected a PNG written by sdcli or A1111") from None
+    except OSError as e:
+        raise SdcliError(f"cannot read {path}: {e.strerror or e}") from None
+    except (SyntaxError, ValueError, EOFError) as e:  # what Pillow raises for a damaged PNG
+        raise SdcliError(f"cannot read {path}: damaged PNG ({e})") from None
+
+
+def read_parameters_text(path) -> str:
+    """The raw A1111 "parameters" text of a PNG."""
+    text = _png_text(path).get("parameters")
+    if text is None:
+        raise SdcliError(f"{path} has no generation parameters (no \"parameters\" text chunk)")
+    return str(text)
+
+
+def read_png(path) -> dict:
+    """The image record of a PNG: sdcli's own JSON if present, else parsed from A1111's parameters."""
+    chunks = _png_text(path)
+    try:
+        record = json.loads(chunks["sdcli"])
+    except (KeyError, json.JSONDecodeError):  # not written by sdcli, or a damaged chunk
+        record = None
+    if isinstance(record, dict):
+        return record
+    if "parameters" not in chunks:
+        raise SdcliError(f"{path} has no generation parameters (no \"parameters\" or \"sdcli\" text chunk)")
+    return from_parameters(str(chunks["parameters"]))
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "sdcli" / "model-hashes.json"
+
+
+def _load_cache(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or damaged: start afresh
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_cache(cache: Path, data: dict) -> None:
+    """Replace the cache file atomically; a cache that can't be written is simply not kept."""
+    tmp = cache.with_name(f".{cache.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            tmp.unlink()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path) -> str | None:
+    """A1111's "AutoV2" hash of a model file (first 10 hex digits of its sha256); None for a folder.
+
+    Results are cached by absolute path, size and modification time, since a model takes seconds to hash.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():  # a diffusers folder: A1111 has no hash for it
+            return None
+        path = path.resolve()
+        before = path.stat()
+        cache_file = _cache_file()
+        cache = _load_cache(cache_file)
+        entry = cache.get(str(path))
+        stamp = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
+        if (
+            isinstance(entry, dict)
+            and {k: entry.get(k) for k in stamp} == stamp
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+        ):
+            return entry["sha256"][:10]
+        sha256 = _sha256_file(path)
+        after = path.stat()
+    except OSError as e:
+        raise SdcliError(f"cannot hash model {path}: {e.strerror or e}") from None
+    # A file rewritten while we read it gets a hash of neither version: don't cache that.
+    if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+        cache[str(path)] = {**stamp, "sha256": sha256}
+        _save_cache(cache_file, cache)
+    return sha256[:10]

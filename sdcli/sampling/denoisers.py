@@ -1,0 +1,55 @@
+"""Denoisers D(x, sigma, cond) -> predicted clean latents, wrapped around a DDPM-trained UNet.
+
+Samplers only ever see a denoiser; guidance, inpainting blends and img2img are small wrappers
+around one. x is in the variance-exploding form x = x0 + sigma * noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdcli.sampling.schedules import DiscreteSigmas
+
+
+class Denoiser(nn.Module):
+    """A UNet that predicts noise ("eps") or velocity ("v") seen as a denoiser (k-diffusion's
+    CompVisDenoiser / CompVisVDenoiser, with sigma_data = 1)."""
+
+    def __init__(self, unet: nn.Module, table: DiscreteSigmas, prediction: str):
+        super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction type {prediction!r}")
+        self.unet, self.table, self.prediction = unet, table, prediction
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        # x: [B, C, h, w], sigma: [B], cond: [B, L, D]
+        s = sigma.to(torch.float64)[:, None, None, None]
+        c_in = (1 / (s**2 + 1).sqrt()).to(x.dtype)  # back to the UNet's unit-variance (VP) input
+        t = self.table.sigma_to_t(sigma).to(torch.float32)
+        out = self.unet(x * c_in, t, cond, **unet_kwargs)
+        s = s.to(out.dtype)
+        if self.prediction == "eps":
+            return x - s * out
+        return x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance: the conditional and unconditional passes in one batched UNet call.
+
+    Guiding the denoised latents equals guiding the UNet output (both are affine in it with the same
+    x), so this matches diffusers' pipelines.
+    """
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                cond_scale: float = 1.0) -> torch.Tensor:
+        if uncond is None or cond_scale == 1:  # the conditional prediction alone
+            return self.denoiser(x, sigma, cond)
+        # [2B, ...]: unconditional first, as diffusers batches them
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
+        uncond_out, cond_out = both.chunk(2)
+        return uncond_out + (cond_out - uncond_out) * cond_scale
