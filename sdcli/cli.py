@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Stable Diffusion (latent diffusion) from the command line.",
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal [brackets]
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -30,7 +31,8 @@ class Prediction(str, enum.Enum):
 # Options shared by every command that loads a model. Paths stay strings so that the loader sees
 # exactly what was typed (typer would turn "" into ".").
 ModelArg = Annotated[
-    str, typer.Argument(help="A .safetensors checkpoint (original layout) or a diffusers model folder.",
+    str, typer.Argument(help="A .safetensors checkpoint (original layout) or a diffusers model folder; for info, "
+                             "also a PNG written by sdcli or AUTOMATIC1111.",
                         show_default=False, metavar="MODEL")
 ]
 VaeOpt = Annotated[
@@ -43,6 +45,103 @@ PredictionOpt = Annotated[
 ]
 
 
+# Options of the commands that render images (generate now; img2img and inpaint share them).
+PromptArg = Annotated[Optional[str], typer.Argument(
+    help="The prompt, with A1111 emphasis: (word:1.3), (word), [word], BREAK. '-' reads prompts from stdin, "
+         "one per line.", show_default=False)]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="What to steer away from.",
+                                                    show_default=False)]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. [default: 20]", show_default=False)]
+CfgOpt = Annotated[Optional[float], typer.Option(
+    "--cfg-scale", help="Classifier-free guidance scale; 1 turns guidance off. [default: 7.0]", show_default=False)]
+SamplerOpt = Annotated[Optional[str], typer.Option(
+    "--sampler", help="euler, euler_a, heun, lms, dpm++2m, dpm++2m_sde, ddim or pndm. [default: dpm++2m]",
+    show_default=False)]
+ScheduleOpt = Annotated[Optional[str], typer.Option(
+    "--schedule", help="normal, karras, exponential, sgm_uniform or ddim. [default: the sampler's own: karras for "
+                       "dpm++, ddim for ddim/pndm, else normal]", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help="Seed of the first image; image i gets seed+i. [default: random, printed and stored]",
+    show_default=False)]
+WidthOpt = Annotated[Optional[int], typer.Option(
+    "--width", "-W", help="Multiple of 8. [default: 512; 768 for SD 2.x v models]", show_default=False)]
+HeightOpt = Annotated[Optional[int], typer.Option(
+    "--height", "-H", help="Multiple of 8. [default: 512; 768 for SD 2.x v models]", show_default=False)]
+NImagesOpt = Annotated[Optional[int], typer.Option("--n-images", help="Images per prompt. [default: 1]",
+                                                   show_default=False)]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", help="Images rendered together (more memory, faster per image on GPUs). [default: 1]",
+    show_default=False)]
+ClipSkipOpt = Annotated[Optional[int], typer.Option(
+    "--clip-skip", help="2 conditions on the text encoder's penultimate layer (A1111's Clip skip). [default: 1]",
+    show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar="SDCLI_MODEL", metavar="PATH", show_default=False,
+    help="A .safetensors checkpoint or a diffusers model folder. [env: SDCLI_MODEL]", show_envvar=False)]
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", "-o", metavar="PATH", show_default=False,
+    help="A .png file, a folder, a template such as 'out/{seed}-{prompt}.png' (fields: {seed} {prompt} {index} "
+         "{steps} {sampler} {schedule} {cfg} {width} {height} {model} {date} {time} {batch_index}), or '-' for "
+         "stdout. [default: outputs/{seed}-{prompt}.png]")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing images.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps. [default: auto]",
+                                                  show_default=False)]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--precision", help="auto, fp32, fp16 or bf16; auto is fp16 autocast on CUDA and fp32 elsewhere. "
+                        "[default: auto]", show_default=False)]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", metavar="NAME|FILE", help="Settings from presets/NAME.yaml or a YAML file; flags override them.",
+    show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout (path, seed, settings).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+
+
+@app.command()
+def generate(
+    prompt: PromptArg = None,
+    negative_prompt: NegativeOpt = None,
+    steps: StepsOpt = None,
+    cfg_scale: CfgOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    n_images: NImagesOpt = None,
+    batch_size: BatchSizeOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    prediction: PredictionOpt = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    preset: PresetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    from_file: Annotated[Optional[str], typer.Option(
+        "--from-file", metavar="FILE", show_default=False,
+        help="Prompts file: one prompt per line, optionally with options ('a cat --seed 5 --steps 30'), "
+             "or JSON lines.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip images that a previous run of the same batch already wrote.")] = False,
+    from_image: Annotated[Optional[str], typer.Option(
+        "--from-image", metavar="PNG", show_default=False,
+        help="Re-render an image from the parameters stored in it; other flags override them.")] = None,
+):
+    """Text to image. The model is loaded once for a whole batch of prompts."""
+    from sdcli.render import RunFlags, generate as run
+
+    flags = dict(negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                 schedule=schedule, seed=seed, width=width, height=height, n_images=n_images,
+                 batch_size=batch_size, clip_skip=clip_skip, output=output)
+    settings = dict(model=model, vae=vae, prediction=prediction.value if prediction else None, device=device,
+                    precision=precision)
+    run(prompt, {k: v for k, v in flags.items() if v is not None}, settings, preset, from_file, from_image,
+        RunFlags(overwrite=overwrite, resume=resume, as_json=as_json, quiet=quiet))
+
+
 @app.command()
 def info(
     model: ModelArg,
@@ -50,7 +149,13 @@ def info(
     prediction: PredictionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
-    """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only)."""
+    """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only),
+    or the generation parameters stored in a PNG."""
+    if _is_png(model):
+        from sdcli.metadata import read_parameters_text, read_png
+
+        print(json.dumps(read_png(model)) if as_json else read_parameters_text(model))
+        return
     from sdcli.loading import inspect_model
 
     summary = inspect_model(model, vae=vae, prediction=prediction.value if prediction else None).summary()
@@ -77,6 +182,16 @@ def info(
     print(summary["path"])
     for key, value in rows:
         print(f"  {key:<13} {value}")
+
+
+def _is_png(path: str) -> bool:
+    if path.lower().endswith(".png"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 @app.command()

@@ -27,13 +27,15 @@ class Sampling:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    if name.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+        raise SdcliError(f"--device must be auto, cpu, cuda (or cuda:N) or mps, not {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise SdcliError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SdcliError("--device mps: Apple MPS is not available here; use --device cpu")
@@ -42,6 +44,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def pick_precision(name: str, device: torch.device) -> str:
     """auto: fp16 autocast on CUDA, fp32 elsewhere (CPU half precision is many times slower)."""
+    if name not in ("auto", "fp32", "fp16", "bf16"):
+        raise SdcliError(f"--precision must be auto, fp32, fp16 or bf16, not {name!r}")
     if name == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return name
@@ -55,6 +59,7 @@ class Engine:
         self.cfg = model.cfg
         self.table = DiscreteSigmas(model.cfg.schedule)
         self.denoiser = CFGDenoiser(Denoiser(model.unet, self.table, model.cfg.prediction))
+        self._encoded: tuple = (None, None)  # (key, result): a prompt's images often come in several batches
 
     def autocast(self):
         if self.precision == "fp32":
@@ -65,11 +70,16 @@ class Engine:
     # 1. encode the prompt
     def encode(self, prompt: str, negative_prompt: str, clip_skip: int, cfg_scale: float):
         """-> (cond [1, L, D], uncond [1, L, D] or None when guidance is off)."""
+        key = (prompt, negative_prompt, clip_skip, cfg_scale == 1)
+        if self._encoded[0] == key:
+            return self._encoded[1]
         with torch.inference_mode(), self.autocast():
             if cfg_scale == 1:
-                return encode_prompts(self.model, [prompt], clip_skip).float(), None
-            cond, uncond = encode_prompts(self.model, [prompt, negative_prompt], clip_skip).float().chunk(2)
-        return cond, uncond
+                result = encode_prompts(self.model, [prompt], clip_skip).float(), None
+            else:
+                result = tuple(encode_prompts(self.model, [prompt, negative_prompt], clip_skip).float().chunk(2))
+        self._encoded = (key, result)
+        return result
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         f = self.cfg.vae.downsample_factor

@@ -41,6 +41,7 @@ SCHEDULE_LABELS: dict[str, str] = {
     "normal": "Normal",
     "karras": "Karras",
     "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
     "ddim": "DDIM",
 }
 # Labels are matched case-insensitively: hand-edited and third-party infotexts vary in case.

@@ -99,7 +99,7 @@ def test_not_a_model_file(tmp_path, run_cli):
     assert_cli_error(run_cli, path, str(path), "not a model file")
     png = tmp_path / "image.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-    assert_cli_error(run_cli, png, str(png), "not a model file")
+    assert_cli_error(run_cli, png, str(png), "damaged PNG")  # info reads a PNG's generation parameters
 
 
 def test_truncated_file(tiny, tmp_path, run_cli):

@@ -185,7 +185,7 @@ def test_old_style_sampler_labels(label, sampler, schedule):
 def test_parse_forge_infotext_with_unknown_sampler_and_schedule():
     text = (
         "a house\n"
-        "Steps: 25, Sampler: DPM++ 2M SDE Heun, Schedule type: SGM Uniform, CFG scale: 5, Distilled CFG Scale: 3.5, "
+        "Steps: 25, Sampler: DPM++ 2M SDE Heun, Schedule type: Align Your Steps, CFG scale: 5, Distilled CFG Scale: 3.5, "
         "Seed: 7, Size: 1024x1024, Model hash: 0123456789, Model: flux1-dev, Beta schedule alpha: 0.6, "
         "Version: f2.0.1v1.10.1-previous-313-g8a042934, Module 1: ae"
     )
@@ -193,7 +193,7 @@ def test_parse_forge_infotext_with_unknown_sampler_and_schedule():
     assert "sampler" not in parsed and "schedule" not in parsed
     assert parsed["extra"] == {
         "Sampler": "DPM++ 2M SDE Heun",
-        "Schedule type": "SGM Uniform",
+        "Schedule type": "Align Your Steps",
         "Distilled CFG Scale": "3.5",
         "Beta schedule alpha": "0.6",
         "Module 1": "ae",

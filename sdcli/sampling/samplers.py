@@ -91,7 +91,7 @@ def _lms_coefficient(s: list[float], i: int, order: int, j: int) -> float:
     others = [s[i - k] for k in range(order) if k != j]
     poly = [1.0]  # coefficients, highest power first
     for root in others:
-        poly = [a - root * b for a, b in zip(poly + [0.0], [0.0] + poly)]
+        poly = [a - root * b for a, b in zip(poly + [0.0], [0.0] + poly, strict=True)]
     denom = math.prod(s[i - j] - r for r in others)
     antiderivative = [c / (len(poly) - n) for n, c in enumerate(poly)] + [0.0]
 

@@ -1,0 +1,365 @@
+"""What to render: requests from the command line, presets, prompts files and PNG metadata, planned into
+image jobs with seeds and output paths before any model is loaded (so a mistake costs nothing).
+
+Precedence, lowest first: defaults < --from-image < --preset < command-line flags < a prompts-file line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import re
+import secrets
+import shlex
+import string
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from sdcli.errors import SdcliError
+
+MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt's settings; what a prompts-file line or a preset may set."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20  # denoising steps
+    cfg_scale: float = 7.0  # classifier-free guidance scale; 1 turns it off
+    sampler: str = "dpm++2m"
+    schedule: str | None = None  # None: the sampler's own (karras for dpm++, ddim for ddim/pndm, else normal)
+    seed: int | None = None  # None: random; image i of the prompt gets seed + i
+    width: int | None = None  # None: the model's native size (768 for SD 2.x v models, else 512)
+    height: int | None = None
+    clip_skip: int = 1  # 2: condition on the text encoder's penultimate layer (A1111's "Clip skip")
+    n_images: int = 1  # images for this prompt
+    batch_size: int = 1  # images rendered together in one UNet batch
+    output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
+
+
+# Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
+RUN_KEYS = ("model", "vae", "prediction", "precision", "device")
+REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
+_TYPES = {f.name: f.type for f in dataclasses.fields(Request)}
+_SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output"}
+
+
+def _key(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _coerce(key: str, value, where: str):
+    """A setting from text or YAML/JSON to its field type, or a one-line error naming it."""
+    kind = _TYPES[key]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise SdcliError(f"{where}: {_option(key)} needs a value".removeprefix(": "))
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+    except (TypeError, ValueError):
+        word = "a whole number" if kind.startswith("int") else "a number"
+        raise SdcliError(f"{where}: {_option(key)} must be {word}, not {value!r}".removeprefix(": ")) from None
+    if not isinstance(value, str):
+        raise SdcliError(f"{where}: {_option(key)} must be text, not {value!r}".removeprefix(": "))
+    return value
+
+
+def validate(r: Request, where: str = "") -> Request:
+    from sdcli.sampling import SAMPLERS, SCHEDULES
+
+    def bad(message: str):
+        raise SdcliError(f"{where}: {message}" if where else message)
+
+    if r.sampler not in SAMPLERS:
+        bad(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if r.schedule is not None and r.schedule not in SCHEDULES:
+        bad(f"unknown schedule {r.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 1 <= r.steps <= 1000:
+        bad(f"--steps must be between 1 and 1000, not {r.steps}")
+    for name in ("width", "height"):
+        value = getattr(r, name)
+        if value is not None and (value < 8 or value % 8 or value > 8192):
+            fix = max(8, round(value / 8) * 8)
+            bad(f"--{name} {value} is not a multiple of 8 between 8 and 8192 (try {min(fix, 8192)})")
+    if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
+        bad(f"--seed must be between 0 and {MAX_SEED}, not {r.seed}")
+    if not 1 <= r.clip_skip <= 12:
+        bad(f"--clip-skip must be between 1 and 12, not {r.clip_skip}")
+    if r.n_images < 1 or r.batch_size < 1:
+        bad("--n-images and --batch-size must be at least 1")
+    if r.cfg_scale < 0:
+        bad(f"--cfg-scale must not be negative, not {r.cfg_scale}")
+    return r
+
+
+def merge(base: Request, settings: dict, where: str = "") -> Request:
+    """`base` with `settings` (option names with - or _, values as text or typed) applied and checked."""
+    changes = {}
+    for name, value in settings.items():
+        key = _key(name)
+        if key in RUN_KEYS:
+            raise SdcliError(f"{where}: {_option(key)} applies to the whole run (the model is loaded once); "
+                             "give it on the command line")
+        if key not in REQUEST_KEYS:
+            raise SdcliError(f"{where}: unknown option {_option(key)}; options are "
+                             f"{', '.join(_option(k) for k in REQUEST_KEYS)}")
+        changes[key] = _coerce(key, value, where)
+    return validate(dataclasses.replace(base, **changes), where)
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+def presets_dir() -> Path:
+    """The bundled presets: `presets/` of a source checkout, installed as the `sdcli.presets` package data."""
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("sdcli.presets")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def load_preset(name: str) -> tuple[dict, dict]:
+    """NAME or FILE -> (request settings, run settings); an unknown key is an error naming it."""
+    import yaml
+
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = presets_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise SdcliError(f"unknown preset {name!r}; bundled presets: {', '.join(preset_names())} "
+                             "(or give a .yaml file)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SdcliError(f"cannot read preset {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SdcliError(f"preset {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SdcliError(f"preset {path} must be a mapping of option: value")
+    request, run = {}, {}
+    for name, value in data.items():
+        key = _key(str(name))
+        if key in RUN_KEYS:
+            run[key] = value
+        elif key in REQUEST_KEYS and key != "prompt":
+            request[key] = value
+        else:
+            raise SdcliError(f"preset {path}: unknown key {name!r}; keys are "
+                             f"{', '.join(k for k in REQUEST_KEYS + RUN_KEYS if k != 'prompt')}")
+    merge(Request(), request, f"preset {path}")  # check values now
+    return request, run
+
+
+# --- prompts files -----------------------------------------------------------------------------------
+
+_OPTIONS_START = re.compile(r"(?:^|\s)(--?[A-Za-z])")
+
+
+def parse_prompt_line(line: str, where: str) -> dict:
+    """`a cat --seed 5 --steps 30`, or a JSON object -> settings (with "prompt")."""
+    if line.lstrip().startswith("{"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SdcliError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise SdcliError(f"{where}: a JSON line must be an object")
+        return record
+    match = _OPTIONS_START.search(line)
+    text, rest = (line[: match.start(1)], line[match.start(1):]) if match else (line, "")
+    settings: dict = {"prompt": text.strip()} if text.strip() else {}
+    try:
+        words = shlex.split(rest)
+    except ValueError as e:
+        raise SdcliError(f"{where}: {e} in the options") from None
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name, _, value = word.partition("=")
+        if not name.startswith("-"):
+            raise SdcliError(f"{where}: unexpected {word!r} after the options; put the prompt first "
+                             "or quote it with --prompt")
+        key = _SHORT.get(name, _key(name))
+        if not value and "=" not in word:
+            i += 1
+            if i == len(words):
+                raise SdcliError(f"{where}: {name} needs a value")
+            value = words[i]
+        settings[key] = value
+        i += 1
+    return settings
+
+
+def read_prompts(lines: Iterable[str], source: str, base: Request) -> list[Request]:
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{source} line {n}"
+        requests.append(merge(base, parse_prompt_line(line.rstrip("\r\n"), where), where))
+    if not requests:
+        raise SdcliError(f"{source} has no prompts")
+    return requests
+
+
+def read_prompts_file(path: str, base: Request) -> list[Request]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e)
+        raise SdcliError(f"cannot read prompts file {path}: {reason}") from None
+    return read_prompts(text.splitlines(), path, base)
+
+
+# --- jobs: one image each ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    request: Request  # resolved: seed, schedule, width and height set
+    group: int  # which request (prompt) of the run it renders
+    index: int  # 1-based over the run
+    batch_index: int  # 0-based within its prompt's images
+    path: str  # "-" for stdout
+    key: str  # identifies the job for --resume: settings and position, not the random seed
+
+
+def default_size(family: str, prediction: str) -> int:
+    return 768 if family == "sd2" and prediction == "v" else 512
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe, shortened form of a prompt."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return text[:limit].rstrip("-") or "image"
+
+
+TEMPLATE_FIELDS = ("seed", "prompt", "index", "steps", "sampler", "schedule", "cfg", "width", "height", "model",
+                   "date", "time", "batch_index")
+
+
+def _expand(template: str, fields: dict) -> str:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise SdcliError(f"--output {template!r}: {e}") from None
+    for name in names:
+        if name not in fields:
+            raise SdcliError(f"--output {template!r}: unknown field {{{name}}}; use "
+                             + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+    try:
+        return template.format_map(fields)
+    except (ValueError, TypeError) as e:
+        raise SdcliError(f"--output {template!r}: {e}") from None
+
+
+def output_template(output: str | None) -> str:
+    if output is None:
+        return "outputs/{seed}-{prompt}.png"
+    if output == "-" or "{" in output:
+        return output
+    if output.endswith(("/", "\\")) or Path(output).is_dir():
+        return str(Path(output) / "{seed}-{prompt}.png")
+    return output
+
+
+def plan(requests: list[Request], model_name: str, native: int, now: datetime.datetime | None = None) -> list[Job]:
+    """Resolve seeds, schedules, sizes and output paths for every image."""
+    from sdcli.sampling import SAMPLERS  # the sampler's own schedule
+
+    now = now or datetime.datetime.now()
+    jobs: list[Job] = []
+    for position, r in enumerate(requests):
+        random_seed = r.seed is None
+        base_seed = secrets.randbelow(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
+        r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule,
+                                width=r.width or native, height=r.height or native)
+        template = output_template(r.output)
+        for i in range(r.n_images):
+            seed = (base_seed + i) % (MAX_SEED + 1)
+            resolved = dataclasses.replace(r, seed=seed)
+            fields = dict(seed=seed, prompt=slug(r.prompt), index=len(jobs) + 1, steps=r.steps, sampler=r.sampler,
+                          schedule=r.schedule, cfg=f"{r.cfg_scale:g}", width=r.width, height=r.height,
+                          model=model_name, date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M%S"),
+                          batch_index=i)
+            path = _expand(template, fields)
+            if path != "-" and not path.lower().endswith(".png"):
+                raise SdcliError(f"--output {path!r}: sdcli writes PNG files (they carry the parameters); "
+                                 "end the name with .png")
+            identity = {**dataclasses.asdict(r), "seed": None if random_seed else seed, "output": None,
+                        "position": position, "image": i, "model": model_name}
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+            jobs.append(Job(resolved, position, len(jobs) + 1, i, path, key))
+    _check_paths(jobs)
+    return jobs
+
+
+def _check_paths(jobs: list[Job]) -> None:
+    seen: dict[str, int] = {}
+    for job in jobs:
+        if job.path == "-":
+            continue
+        if job.path in seen:
+            raise SdcliError(f"images {seen[job.path]} and {job.index} would both be written to {job.path}: "
+                             "add {seed} or {index} to --output")
+        seen[job.path] = job.index
+
+
+def done_keys(jobs: list[Job]) -> set[str]:
+    """Job keys of the images already written into the jobs' output folders (for --resume)."""
+    from sdcli.metadata import read_png
+
+    keys: set[str] = set()
+    for folder in {Path(j.path).parent for j in jobs if j.path != "-"}:
+        if not folder.is_dir():
+            continue
+        for png in folder.glob("*.png"):
+            try:
+                key = read_png(png).get("job")
+            except SdcliError:
+                continue
+            if key:
+                keys.add(key)
+    return keys
+
+
+def check_outputs(jobs: list[Job], overwrite: bool) -> None:
+    from sdcli.fileio import check_output
+
+    for job in jobs:
+        if job.path == "-":
+            continue
+        path = Path(job.path)
+        if path.exists() or path.is_symlink():
+            check_output(path, overwrite)
+        elif path.parent.exists() and not path.parent.is_dir():
+            raise SdcliError(f"cannot write {path}: {path.parent} is not a folder")

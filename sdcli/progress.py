@@ -1,0 +1,60 @@
+"""Progress bars and messages on stderr (stdout is for data: PNG bytes or JSON lines)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator
+
+
+class Progress:
+    """A batch bar and a per-image step bar (step, it/s, ETA), shown only on a terminal and without --quiet."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False)
+        self.live = not quiet and sys.stderr.isatty()
+        self._bar = None
+
+    def message(self, text: str, force: bool = False) -> None:
+        if force or not self.quiet:
+            if self._bar is not None:
+                self._bar.console.print(text, markup=False, highlight=False)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def batch(self, total: int) -> Iterator["Progress"]:
+        if not self.live:
+            yield self
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(show_speed=True), TimeRemainingColumn())
+        with RichProgress(*columns, console=self.console, transient=True) as bar:
+            self._bar = bar
+            self._batch_task = bar.add_task("images", total=total) if total > 1 else None
+            try:
+                yield self
+            finally:
+                self._bar = None
+
+    def advance(self) -> None:
+        if self._bar is not None and self._batch_task is not None:
+            self._bar.advance(self._batch_task)
+
+    @contextlib.contextmanager
+    def image(self, label: str, steps: int) -> Iterator[Callable[[int], None] | None]:
+        """Yields the sampler's per-step callback."""
+        if self._bar is None:
+            yield None
+            return
+        task = self._bar.add_task(f"image {label}", total=steps)
+        try:
+            yield lambda i: self._bar.update(task, completed=i + 1)
+        finally:
+            self._bar.remove_task(task)

@@ -1,0 +1,166 @@
+"""`sdcli generate`: gather the requests, plan every image, load the model once, render, write atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcli import __version__
+from sdcli.batch import (
+    REQUEST_KEYS, Job, Request, check_outputs, default_size, done_keys, load_preset, merge, plan, read_prompts,
+    read_prompts_file,
+)
+from sdcli.errors import SdcliError
+from sdcli.progress import Progress
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    overwrite: bool = False  # replace existing images
+    resume: bool = False  # skip images a previous run of the same batch already wrote
+    as_json: bool = False  # one JSON line per image on stdout
+    quiet: bool = False  # no progress bars or messages
+
+
+# what a stored image record can set again (the rest is per-run or per-batch)
+_RERENDER_KEYS = tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size"))
+
+
+def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
+           from_image: str | None) -> tuple[list[Request], dict]:
+    """-> (requests, run settings) by precedence: defaults < --from-image < --preset < flags < prompts-file line."""
+    base, run_settings = Request(), {}
+    if from_image:
+        from sdcli.metadata import read_png
+
+        record = read_png(from_image)
+        base = merge(base, {k: record[k] for k in _RERENDER_KEYS if record.get(k) is not None}, from_image)
+        if record.get("model_path"):
+            run_settings["model"] = record["model_path"]
+        for key in ("prediction", "vae_path"):
+            if record.get(key):
+                run_settings[key.removesuffix("_path")] = record[key]
+    if preset:
+        preset_request, preset_run = load_preset(preset)
+        base = merge(base, preset_request, f"preset {preset}")
+        run_settings.update(preset_run)
+    base = merge(base, flags)
+    run_settings.update({k: v for k, v in run.items() if v is not None})
+
+    if from_file and prompt is not None:
+        raise SdcliError("give either a PROMPT or --from-file, not both")
+    if from_file:
+        return read_prompts_file(from_file, base), run_settings
+    if prompt == "-":
+        return read_prompts(sys.stdin, "stdin", base), run_settings
+    if prompt is not None:
+        return [dataclasses.replace(base, prompt=prompt)], run_settings
+    if from_image:
+        return [base], run_settings
+    raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image PNG")
+
+
+def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
+             from_image: str | None, opts: RunFlags) -> None:
+    requests, settings = gather(prompt, flags, run, preset, from_file, from_image)
+    model_path = settings.get("model")
+    if not model_path:
+        raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
+    if settings.get("prediction") not in (None, "eps", "v"):
+        raise SdcliError(f"prediction must be 'eps' or 'v', not {settings['prediction']!r}")
+    if opts.as_json and any(r.output == "-" for r in requests):
+        raise SdcliError("--json and -o - would both write to stdout: choose one")
+
+    from sdcli.engine import Engine, Sampling, pick_device, pick_precision, txt2img
+    from sdcli.loading import inspect_model
+    from sdcli.metadata import model_hash
+
+    device = pick_device(settings.get("device") or "auto")
+    precision = pick_precision(settings.get("precision") or "auto", device)
+
+    checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
+    cfg = checkpoint.config
+    if cfg.task != "txt2img":
+        raise SdcliError(f"{model_path} is a {cfg.variant} model; generate needs a text-to-image model")
+    model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
+    jobs = plan(requests, model_name, default_size(cfg.family, cfg.prediction))
+    skipped = 0
+    if opts.resume:
+        done = done_keys(jobs)
+        skipped = sum(j.key in done for j in jobs)
+        jobs = [j for j in jobs if j.key not in done]
+    check_outputs(jobs, opts.overwrite)
+
+    console = Progress(quiet=opts.quiet)
+    if skipped:
+        console.message(f"--resume: {skipped} image(s) already written, {len(jobs)} to go")
+    if not jobs:
+        return
+    engine = Engine(checkpoint.load(device), device, precision)
+    common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=model_hash(model_path),
+                  vae=Path(settings["vae"]).name if settings.get("vae") else None,
+                  vae_path=str(Path(settings["vae"]).resolve()) if settings.get("vae") else None,
+                  prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
+
+    written = 0
+    with console.batch(len(jobs)) as bar:
+        try:
+            for group in _batches(jobs):
+                r = group[0].request
+                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
+                start = time.perf_counter()
+                with bar.image(f"{group[0].index}-{group[-1].index}/{len(jobs)}" if len(group) > 1
+                               else f"{group[0].index}/{len(jobs)}", r.steps) as step:
+                    images = txt2img(engine, r.prompt, r.negative_prompt, s, [j.request.seed for j in group],
+                                     r.width, r.height, step)
+                seconds = (time.perf_counter() - start) / len(group)
+                for job, pixels in zip(group, images, strict=True):
+                    record = {**{k: getattr(job.request, k) for k in _RERENDER_KEYS}, **common,
+                              "batch_index": job.batch_index, "job": job.key}
+                    _write(job, pixels.numpy(), record, opts.overwrite)
+                    written += 1
+                    bar.advance()
+                    if opts.as_json:
+                        print(json.dumps({"path": job.path, **record}), flush=True)
+                    console.message(f"{'stdout' if job.path == '-' else job.path}  seed {job.request.seed}  "
+                                    f"{seconds:.1f} s")
+        except KeyboardInterrupt:
+            console.message(f"interrupted after {written} of {len(jobs)} image(s); "
+                            "rerun the same command with --resume to continue", force=True)
+            raise
+
+
+def _batches(jobs: list[Job]) -> list[list[Job]]:
+    """Consecutive images of the same prompt, at most batch_size at a time."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        if last and last[0].group == job.group and len(last) < job.request.batch_size:
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _write(job: Job, pixels, record: dict, overwrite: bool) -> None:
+    from PIL import Image
+
+    from sdcli.fileio import atomic_path
+    from sdcli.metadata import encode_png
+
+    data = encode_png(Image.fromarray(pixels), record)
+    if job.path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(job.path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdcliError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_bytes(data)
