@@ -87,6 +87,7 @@ def _coerce(key: str, value, where: str):
 
 
 def validate(r: Request, where: str = "") -> Request:
+    from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULES
 
     def bad(message: str):
@@ -111,6 +112,11 @@ def validate(r: Request, where: str = "") -> Request:
         bad("--n-images and --batch-size must be at least 1")
     if r.cfg_scale < 0:
         bad(f"--cfg-scale must not be negative, not {r.cfg_scale}")
+    try:  # a malformed (word:weight) must stop the run before any image, not at its line
+        parse_prompt_attention(r.prompt)
+        parse_prompt_attention(r.negative_prompt)
+    except SdcliError as e:
+        bad(str(e))
     return r
 
 

@@ -30,11 +30,16 @@ class Progress:
         if not self.live:
             yield self
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
+        from rich.text import Text
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TaskProgressColumn(show_speed=True), TimeRemainingColumn())
+        class Speed(ProgressColumn):
+            def render(self, task) -> Text:
+                return Text(f"{task.speed:.2f} it/s" if task.speed else "")
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
+                   TimeRemainingColumn())
         with RichProgress(*columns, console=self.console, transient=True) as bar:
             self._bar = bar
             self._batch_task = bar.add_task("images", total=total) if total > 1 else None

@@ -66,6 +66,10 @@ def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_
 
 def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
              from_image: str | None, opts: RunFlags) -> None:
+    """Everything that can be wrong with the input is found before the model loads or a file is written."""
+    from sdcli.engine import Engine, pick_device, pick_precision
+    from sdcli.loading import inspect_model
+
     requests, settings = gather(prompt, flags, run, preset, from_file, from_image)
     model_path = settings.get("model")
     if not model_path:
@@ -74,49 +78,55 @@ def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, fro
         raise SdcliError(f"prediction must be 'eps' or 'v', not {settings['prediction']!r}")
     if opts.as_json and any(r.output == "-" for r in requests):
         raise SdcliError("--json and -o - would both write to stdout: choose one")
-
-    from sdcli.engine import Engine, Sampling, pick_device, pick_precision, txt2img
-    from sdcli.loading import inspect_model
-    from sdcli.metadata import model_hash
-
     device = pick_device(settings.get("device") or "auto")
     precision = pick_precision(settings.get("precision") or "auto", device)
-
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
     if cfg.task != "txt2img":
         raise SdcliError(f"{model_path} is a {cfg.variant} model; generate needs a text-to-image model")
+    for r in requests:
+        if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
+            raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
+                             f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
+
     model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
     jobs = plan(requests, model_name, default_size(cfg.family, cfg.prediction))
-    skipped = 0
+    console = Progress(quiet=opts.quiet)
     if opts.resume:
         done = done_keys(jobs)
-        skipped = sum(j.key in done for j in jobs)
+        if any(j.key in done for j in jobs):
+            console.message(f"--resume: {sum(j.key in done for j in jobs)} image(s) already written, "
+                            f"{sum(j.key not in done for j in jobs)} to go")
         jobs = [j for j in jobs if j.key not in done]
     check_outputs(jobs, opts.overwrite)
-
-    console = Progress(quiet=opts.quiet)
-    if skipped:
-        console.message(f"--resume: {skipped} image(s) already written, {len(jobs)} to go")
     if not jobs:
         return
+
+    from sdcli.metadata import model_hash
+
     engine = Engine(checkpoint.load(device), device, precision)
+    vae = settings.get("vae")
     common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=model_hash(model_path),
-                  vae=Path(settings["vae"]).name if settings.get("vae") else None,
-                  vae_path=str(Path(settings["vae"]).resolve()) if settings.get("vae") else None,
+                  vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
+    render(engine, jobs, common, opts, console)
+
+
+def render(engine, jobs: list[Job], common: dict, opts: RunFlags, console: Progress) -> None:
+    """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
+    from sdcli.engine import Sampling, txt2img
 
     written = 0
     with console.batch(len(jobs)) as bar:
         try:
             for group in _batches(jobs):
                 r = group[0].request
-                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
+                label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{len(jobs)}"
                 start = time.perf_counter()
-                with bar.image(f"{group[0].index}-{group[-1].index}/{len(jobs)}" if len(group) > 1
-                               else f"{group[0].index}/{len(jobs)}", r.steps) as step:
-                    images = txt2img(engine, r.prompt, r.negative_prompt, s, [j.request.seed for j in group],
-                                     r.width, r.height, step)
+                with bar.image(label, r.steps) as step:
+                    images = txt2img(engine, r.prompt, r.negative_prompt,
+                                     Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip),
+                                     [j.request.seed for j in group], r.width, r.height, step)
                 seconds = (time.perf_counter() - start) / len(group)
                 for job, pixels in zip(group, images, strict=True):
                     record = {**{k: getattr(job.request, k) for k in _RERENDER_KEYS}, **common,
