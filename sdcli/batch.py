@@ -23,6 +23,7 @@ from typing import Iterable
 from sdcli.errors import SdcliError
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
+MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,15 @@ def validate(r: Request, where: str = "") -> Request:
         bad(f"--seed must be between 0 and {MAX_SEED}, not {r.seed}")
     if not 1 <= r.clip_skip <= 12:
         bad(f"--clip-skip must be between 1 and 12, not {r.clip_skip}")
-    if r.n_images < 1 or r.batch_size < 1:
-        bad("--n-images and --batch-size must be at least 1")
-    if r.cfg_scale < 0:
-        bad(f"--cfg-scale must not be negative, not {r.cfg_scale}")
+    if not 1 <= r.n_images <= MAX_IMAGES or not 1 <= r.batch_size <= MAX_IMAGES:
+        bad(f"--n-images and --batch-size must be between 1 and {MAX_IMAGES}")
+    if not 0 <= r.cfg_scale <= 100:
+        bad(f"--cfg-scale must be between 0 and 100, not {r.cfg_scale}")
+    if r.output is not None:
+        try:
+            check_output_name(r.output)
+        except SdcliError as e:
+            bad(str(e))
     try:  # a malformed (word:weight) must stop the run before any image, not at its line
         parse_prompt_attention(r.prompt)
         parse_prompt_attention(r.negative_prompt)
@@ -131,8 +137,35 @@ def merge(base: Request, settings: dict, where: str = "") -> Request:
         if key not in REQUEST_KEYS:
             raise SdcliError(f"{where}: unknown option {_option(key)}; options are "
                              f"{', '.join(_option(k) for k in REQUEST_KEYS)}")
+        if value is None:  # JSON/YAML null: not set
+            continue
         changes[key] = _coerce(key, value, where)
+    if "sampler" in changes:
+        changes.update(_sampler_alias(changes["sampler"], explicit_schedule=changes.get("schedule")))
     return validate(dataclasses.replace(base, **changes), where)
+
+
+def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
+    """Accept A1111's sampler labels too: "Euler a", "DPM++ 2M Karras" (old style, schedule included)."""
+    from sdcli.metadata import sampler_from_label
+    from sdcli.sampling import SAMPLERS
+
+    if name in SAMPLERS:
+        return {"sampler": name}
+    fields = sampler_from_label(name) or {"sampler": name}  # unknown: validate names it
+    if explicit_schedule:
+        fields["schedule"] = explicit_schedule
+    return fields
+
+
+def check_run(settings: dict, where: str) -> dict:
+    """Per-run settings (model, vae, prediction, precision, device) from a preset or an image: text only."""
+    for key, value in settings.items():
+        if value is not None and (not isinstance(value, str) or not value):
+            raise SdcliError(f"{where}: {key} must be text (a path or a name), not {value!r}")
+    if settings.get("prediction") not in (None, "eps", "v"):
+        raise SdcliError(f"{where}: prediction must be 'eps' or 'v', not {settings['prediction']!r}")
+    return settings
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -182,24 +215,24 @@ def load_preset(name: str) -> tuple[dict, dict]:
             raise SdcliError(f"preset {path}: unknown key {name!r}; keys are "
                              f"{', '.join(k for k in REQUEST_KEYS + RUN_KEYS if k != 'prompt')}")
     merge(Request(), request, f"preset {path}")  # check values now
-    return request, run
+    return request, check_run(run, f"preset {path}")
 
 
 # --- prompts files -----------------------------------------------------------------------------------
 
-_OPTIONS_START = re.compile(r"(?:^|\s)(--?[A-Za-z])")
+# Options start at the first " --name" (or a short -n/-W/-H/-o): "t-shirt -blurry" stays prompt text.
+_OPTIONS_START = re.compile(r"(?:^|\s)(--[A-Za-z]|-[nWHo](?=[\s=]|$))")
+# Command-line options that cannot change from one line to the next.
+_RUN_ONLY = (*RUN_KEYS, "json", "quiet", "overwrite", "resume", "from_file", "from_image", "preset")
 
 
 def parse_prompt_line(line: str, where: str) -> dict:
     """`a cat --seed 5 --steps 30`, or a JSON object -> settings (with "prompt")."""
     if line.lstrip().startswith("{"):
         try:
-            record = json.loads(line)
+            return json.loads(line)  # starts with "{": an object or an error
         except json.JSONDecodeError as e:
             raise SdcliError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise SdcliError(f"{where}: a JSON line must be an object")
-        return record
     match = _OPTIONS_START.search(line)
     text, rest = (line[: match.start(1)], line[match.start(1):]) if match else (line, "")
     settings: dict = {"prompt": text.strip()} if text.strip() else {}
@@ -215,6 +248,10 @@ def parse_prompt_line(line: str, where: str) -> dict:
             raise SdcliError(f"{where}: unexpected {word!r} after the options; put the prompt first "
                              "or quote it with --prompt")
         key = _SHORT.get(name, _key(name))
+        if key in _RUN_ONLY:
+            raise SdcliError(f"{where}: {_option(key)} applies to the whole run; give it on the command line")
+        if key == "prompt" and "prompt" in settings:
+            raise SdcliError(f"{where}: the line has a prompt and --prompt; give one of them")
         if not value and "=" not in word:
             i += 1
             if i == len(words):
@@ -231,7 +268,10 @@ def read_prompts(lines: Iterable[str], source: str, base: Request) -> list[Reque
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{source} line {n}"
-        requests.append(merge(base, parse_prompt_line(line.rstrip("\r\n"), where), where))
+        request = merge(base, parse_prompt_line(line.rstrip("\r\n").lstrip("\ufeff"), where), where)
+        if not request.prompt.strip():
+            raise SdcliError(f"{where}: no prompt")
+        requests.append(request)
     if not requests:
         raise SdcliError(f"{source} has no prompts")
     return requests
@@ -239,7 +279,7 @@ def read_prompts(lines: Iterable[str], source: str, base: Request) -> list[Reque
 
 def read_prompts_file(path: str, base: Request) -> list[Request]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad starts UTF-8 files with a BOM
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e)
         raise SdcliError(f"cannot read prompts file {path}: {reason}") from None
@@ -288,6 +328,18 @@ def _expand(template: str, fields: dict) -> str:
         raise SdcliError(f"--output {template!r}: {e}") from None
 
 
+def check_output_name(output: str) -> None:
+    """Template syntax, fields and the .png suffix, before any value is known."""
+    template = output_template(output)
+    if template == "-":
+        return
+    sample = dict(seed=1, prompt="p", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8, height=8,
+                  model="m", date="d", time="t", batch_index=0)
+    if not _expand(template, sample).lower().endswith(".png"):
+        raise SdcliError(f"--output {output!r}: sdcli writes PNG files (they carry the parameters); "
+                         "end the name with .png, or with / for a folder")
+
+
 def output_template(output: str | None) -> str:
     if output is None:
         return "outputs/{seed}-{prompt}.png"
@@ -320,7 +372,7 @@ def plan(requests: list[Request], model_name: str, native: int, now: datetime.da
             path = _expand(template, fields)
             if path != "-" and not path.lower().endswith(".png"):
                 raise SdcliError(f"--output {path!r}: sdcli writes PNG files (they carry the parameters); "
-                                 "end the name with .png")
+                                 "end the name with .png, or with / for a folder")
             identity = {**dataclasses.asdict(r), "seed": None if random_seed else seed, "output": None,
                         "position": position, "image": i, "model": model_name}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -359,13 +411,16 @@ def done_keys(jobs: list[Job]) -> set[str]:
 
 
 def check_outputs(jobs: list[Job], overwrite: bool) -> None:
-    from sdcli.fileio import check_output
+    """Existing files, and folders that cannot be written, are found before the model loads."""
+    from sdcli.fileio import check_output, probe_folder
 
+    folders = set()
     for job in jobs:
         if job.path == "-":
             continue
         path = Path(job.path)
         if path.exists() or path.is_symlink():
             check_output(path, overwrite)
-        elif path.parent.exists() and not path.parent.is_dir():
-            raise SdcliError(f"cannot write {path}: {path.parent} is not a folder")
+        folders.add(path.parent)
+    for folder in folders:
+        probe_folder(folder)

@@ -76,13 +76,14 @@ ClipSkipOpt = Annotated[Optional[int], typer.Option(
     "--clip-skip", help="2 conditions on the text encoder's penultimate layer (A1111's Clip skip). [default: 1]",
     show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar="SDCLI_MODEL", metavar="PATH", show_default=False,
-    help="A .safetensors checkpoint or a diffusers model folder. [env: SDCLI_MODEL]", show_envvar=False)]
+    "--model", "-m", metavar="PATH", show_default=False,
+    help="A .safetensors checkpoint or a diffusers model folder. [default: a preset's or --from-image's model, "
+         "else $SDCLI_MODEL]")]
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH", show_default=False,
     help="A .png file, a folder, a template such as 'out/{seed}-{prompt}.png' (fields: {seed} {prompt} {index} "
          "{steps} {sampler} {schedule} {cfg} {width} {height} {model} {date} {time} {batch_index}), or '-' for "
-         "stdout. [default: outputs/{seed}-{prompt}.png]")]
+         "stdout (several images follow one another). [default: outputs/{seed}-{prompt}.png]")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing images.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps. [default: auto]",
                                                   show_default=False)]
@@ -93,7 +94,8 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", metavar="NAME|FILE", help="Settings from presets/NAME.yaml or a YAML file; flags override them.",
     show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout (path, seed, settings).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress bars or notes; each image's path and seed are still printed on stderr.")]
 
 
 @app.command()
@@ -185,7 +187,8 @@ def info(
 
 
 def _is_png(path: str) -> bool:
-    if path.lower().endswith(".png"):
+    """An image to read parameters from (other image types get a clear error from the PNG reader)."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")):
         return True
     try:
         with open(path, "rb") as f:

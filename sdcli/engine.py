@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,8 +28,10 @@ class Sampling:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
         raise SdcliError(f"--device must be auto, cpu, cuda (or cuda:N) or mps, not {name!r}")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count() > 0:
+        raise SdcliError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -74,10 +77,9 @@ class Engine:
         if self._encoded[0] == key:
             return self._encoded[1]
         with torch.inference_mode(), self.autocast():
-            if cfg_scale == 1:
-                result = encode_prompts(self.model, [prompt], clip_skip).float(), None
-            else:
-                result = tuple(encode_prompts(self.model, [prompt, negative_prompt], clip_skip).float().chunk(2))
+            # Encoded apart, so each keeps its own length (in 77-token chunks), as A1111 does by default
+            cond = encode_prompts(self.model, [prompt], clip_skip).float()
+            result = cond, None if cfg_scale == 1 else encode_prompts(self.model, [negative_prompt], clip_skip).float()
         self._encoded = (key, result)
         return result
 

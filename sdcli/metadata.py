@@ -110,7 +110,7 @@ def to_parameters(record: dict) -> str:
     return f"{record['prompt']}{negative_line}\n{settings}".strip()
 
 
-def _sampler_fields(label: str) -> dict | None:
+def sampler_from_label(label: str) -> dict | None:
     """Our sampler (and schedule) for an A1111 sampler label, or None if we have no such sampler.
 
     A1111 before 1.9 put the schedule inside the sampler name ("DPM++ 2M Karras").
@@ -142,7 +142,7 @@ def _parse_setting(key: str, value: str) -> dict | None:
         m = _SIZE.fullmatch(value.strip())
         return {"width": int(m[1]), "height": int(m[2])} if m else None
     if key == "Sampler":
-        return _sampler_fields(value)
+        return sampler_from_label(value)
     if key == "Schedule type":
         schedule = _SCHEDULE_NAMES.get(value.strip().lower())
         return {"schedule": schedule} if schedule else None
@@ -221,13 +221,25 @@ def _has_png_signature(path) -> bool:
         return False
 
 
+def _ends_with_iend(path) -> bool:
+    iend = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - len(iend)))
+        return f.read() == iend
+
+
 def _png_text(path) -> dict[str, str]:
     """All text chunks of a PNG file, with one-line errors for anything that isn't one."""
     try:
         with Image.open(path) as image:
             if image.format != "PNG":
                 raise SdcliError(f"{path} is a {image.format} image, not a PNG: no generation parameters to read")
-            return dict(image.text)
+            if not _ends_with_iend(path):  # cut short: without this check, `info` below would not notice
+                raise SdcliError(f"cannot read {path}: damaged PNG (truncated)")
+            # sdcli and A1111 write their chunks before the pixels: `info` has them without decoding the image
+            found = {k: v for k, v in image.info.items() if isinstance(v, str)}
+            return found if ("sdcli" in found or "parameters" in found) else dict(image.text)
     except UnidentifiedImageError:
         if _has_png_signature(path):  # Pillow can't tell a damaged PNG from a non-image
             raise SdcliError(f"cannot read {path}: damaged PNG") from None
@@ -239,11 +251,9 @@ def _png_text(path) -> dict[str, str]:
 
 
 def read_parameters_text(path) -> str:
-    """The raw A1111 "parameters" text of a PNG."""
+    """The A1111 "parameters" text of a PNG (made from sdcli's JSON record if only that is present)."""
     text = _png_text(path).get("parameters")
-    if text is None:
-        raise SdcliError(f"{path} has no generation parameters (no \"parameters\" text chunk)")
-    return str(text)
+    return str(text) if text is not None else to_parameters(read_png(path))
 
 
 def read_png(path) -> dict:

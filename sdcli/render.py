@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from sdcli import __version__
 from sdcli.batch import (
-    REQUEST_KEYS, Job, Request, check_outputs, default_size, done_keys, load_preset, merge, plan, read_prompts,
-    read_prompts_file,
+    REQUEST_KEYS, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset, merge, plan,
+    read_prompts, read_prompts_file,
 )
 from sdcli.errors import SdcliError
 from sdcli.progress import Progress
@@ -31,36 +32,37 @@ _RERENDER_KEYS = tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images"
 
 
 def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
-           from_image: str | None) -> tuple[list[Request], dict]:
-    """-> (requests, run settings) by precedence: defaults < --from-image < --preset < flags < prompts-file line."""
-    base, run_settings = Request(), {}
+           from_image: str | None) -> tuple[list[Request], dict, dict | None]:
+    """-> (requests, run settings, the --from-image record) by precedence: defaults < --from-image < --preset
+    < flags < a prompts-file line; for the model: -m < preset < the image's model < SDCLI_MODEL."""
+    base, run_settings, record = Request(), {}, None
     if from_image:
         from sdcli.metadata import read_png
 
         record = read_png(from_image)
         base = merge(base, {k: record[k] for k in _RERENDER_KEYS if record.get(k) is not None}, from_image)
-        if record.get("model_path"):
-            run_settings["model"] = record["model_path"]
-        for key in ("prediction", "vae_path"):
-            if record.get(key):
-                run_settings[key.removesuffix("_path")] = record[key]
+        stored = {"model": record.get("model_path"), "vae": record.get("vae_path"),
+                  "prediction": record.get("prediction")}
+        run_settings.update(check_run({k: v for k, v in stored.items() if v is not None}, from_image))
     if preset:
         preset_request, preset_run = load_preset(preset)
         base = merge(base, preset_request, f"preset {preset}")
         run_settings.update(preset_run)
     base = merge(base, flags)
     run_settings.update({k: v for k, v in run.items() if v is not None})
+    if not run_settings.get("model") and os.environ.get("SDCLI_MODEL"):
+        run_settings["model"] = os.environ["SDCLI_MODEL"]
 
     if from_file and prompt is not None:
         raise SdcliError("give either a PROMPT or --from-file, not both")
     if from_file:
-        return read_prompts_file(from_file, base), run_settings
+        return read_prompts_file(from_file, base), run_settings, record
     if prompt == "-":
-        return read_prompts(sys.stdin, "stdin", base), run_settings
+        return read_prompts(sys.stdin, "stdin", base), run_settings, record
     if prompt is not None:
-        return [dataclasses.replace(base, prompt=prompt)], run_settings
+        return [dataclasses.replace(base, prompt=prompt)], run_settings, record
     if from_image:
-        return [base], run_settings
+        return [base], run_settings, record
     raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image PNG")
 
 
@@ -70,7 +72,7 @@ def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, fro
     from sdcli.engine import Engine, pick_device, pick_precision
     from sdcli.loading import inspect_model
 
-    requests, settings = gather(prompt, flags, run, preset, from_file, from_image)
+    requests, settings, record = gather(prompt, flags, run, preset, from_file, from_image)
     model_path = settings.get("model")
     if not model_path:
         raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
@@ -106,7 +108,10 @@ def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, fro
 
     engine = Engine(checkpoint.load(device), device, precision)
     vae = settings.get("vae")
-    common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=model_hash(model_path),
+    digest = model_hash(model_path)
+    if record:
+        _explain_differences(record, from_image, digest, console)
+    common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
     render(engine, jobs, common, opts, console)
@@ -137,11 +142,20 @@ def render(engine, jobs: list[Job], common: dict, opts: RunFlags, console: Progr
                     if opts.as_json:
                         print(json.dumps({"path": job.path, **record}), flush=True)
                     console.message(f"{'stdout' if job.path == '-' else job.path}  seed {job.request.seed}  "
-                                    f"{seconds:.1f} s")
+                                    f"{seconds:.1f} s", force=True)  # the seed is always printed
         except KeyboardInterrupt:
             console.message(f"interrupted after {written} of {len(jobs)} image(s); "
                             "rerun the same command with --resume to continue", force=True)
             raise
+
+
+def _explain_differences(record: dict, source: str, digest: str | None, console: Progress) -> None:
+    """--from-image: say what will not be the same as in the source image."""
+    if record.get("extra"):  # A1111 settings we have no counterpart for (hires fix, variation seeds, ...)
+        console.message(f"note: {source}: not reproduced: {', '.join(record['extra'])}", force=True)
+    if record.get("model_hash") and digest and record["model_hash"] != digest:
+        console.message(f"note: {source} was made with model {record.get('model', '?')} (hash "
+                        f"{record['model_hash']}); this model's hash is {digest}", force=True)
 
 
 def _batches(jobs: list[Job]) -> list[list[Job]]:

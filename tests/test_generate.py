@@ -56,6 +56,8 @@ def test_generate_writes_png_with_parameters_and_json(model, run_cli):
     # sdcli info IMAGE prints the parameters
     code, out, _ = run_cli("info", str(path))
     assert code == 0 and out.strip() == text
+    code, out, _ = run_cli("info", str(path), "--json")
+    assert code == 0 and json.loads(out) == {k: v for k, v in rec.items() if k != "path"}
 
 
 def test_random_seed_is_reported_and_stored(model, run_cli):
@@ -145,8 +147,9 @@ def test_never_overwrites_without_flag(model, run_cli):
     (["x", "--height", "100"], "--height 100 is not a multiple of 8"),
     (["x", "--sampler", "eulr"], "unknown sampler 'eulr'"),
     (["x", "--schedule", "karas"], "unknown schedule 'karas'"),
-    (["x", "-m", "missing.safetensors"], "missing.safetensors"),
+    (["x", "-m", "missing.safetensors"], "model not found: missing.safetensors"),
     (["--from-file", "nope.txt"], "cannot read prompts file nope.txt"),
+    (["--from-file", "binary.txt"], "cannot read prompts file binary.txt: not UTF-8 text"),
     (["--from-file", "bad-line.txt"], "bad-line.txt line 2: unknown option --stepz"),
     (["--from-file", "bad-value.txt"], "bad-value.txt line 1: --steps must be a whole number, not 'many'"),
     (["x", "--preset", "typo.yaml"], "preset typo.yaml: unknown key 'cfg_sacle'"),
@@ -156,7 +159,7 @@ def test_never_overwrites_without_flag(model, run_cli):
     (["x", "--n-images", "2", "-o", "one.png"], "add {seed} or {index}"),
     (["x", "-o", "-", "--json"], "--json and -o - would both write to stdout"),
     (["x", "--steps", "0"], "--steps must be between 1 and 1000"),
-    (["x", "--device", "tpu"], "tpu"),
+    (["x", "--device", "tpu"], "--device must be auto, cpu, cuda (or cuda:N) or mps, not 'tpu'"),
     (["x", "--precision", "fp8"], "--precision must be"),
     ([], "no prompt"),
 ])
@@ -164,6 +167,7 @@ def test_user_errors_are_one_line_and_write_nothing(model, run_cli, args, messag
     Path("bad-line.txt").write_text("fine prompt\na cat --stepz 3\n")
     Path("bad-value.txt").write_text("a cat --steps many\n")
     Path("typo.yaml").write_text("cfg_sacle: 5\n")
+    Path("binary.txt").write_bytes(b"\xff\xfe\x00a cat\x89\n")
     before = set(os.listdir("."))
     code, out, err = run_cli("generate", *SIZE, "--steps", "2", *args)  # the case's own options come last
     assert code == 2
@@ -214,6 +218,24 @@ def sdcli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "sdcli", *args], capture_output=True, **kwargs)
 
 
+def split_pngs(data: bytes) -> list[bytes]:
+    """Consecutive PNG files, split by walking their chunks to IEND (and nothing may follow the last)."""
+    import struct
+
+    pngs, start = [], 0
+    while start < len(data):
+        assert data[start:start + 8] == b"\x89PNG\r\n\x1a\n", f"no PNG signature at byte {start}"
+        pos = start + 8
+        while True:
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            pos += 12 + length
+            if kind == b"IEND":
+                break
+        pngs.append(data[start:pos])
+        start = pos
+    return pngs
+
+
 @pytest.mark.slow
 def test_stdin_prompts_and_stdout_png_through_a_pipe(model, tmp_path):
     # `printf ... | sdcli generate - -o - | cat > stream`: PNGs, one after another, on stdout only
@@ -221,11 +243,10 @@ def test_stdin_prompts_and_stdout_png_through_a_pipe(model, tmp_path):
            f"--seed 11 --steps 3 -W 64 -H 64 | cat > stream.bin")
     result = subprocess.run(cmd, shell=True, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    data = Path("stream.bin").read_bytes()
-    pngs = [b"\x89PNG" + part for part in data.split(b"\x89PNG")[1:]]
-    assert len(pngs) == 2
     import io
 
+    pngs = split_pngs(Path("stream.bin").read_bytes())
+    assert len(pngs) == 2
     infos = [Image.open(io.BytesIO(p)) for p in pngs]
     assert [i.size for i in infos] == [(64, 64), (64, 64)]
     assert [json.loads(i.text["sdcli"])["prompt"] for i in infos] == ["a red ball", "a green ball"]
@@ -242,7 +263,7 @@ def test_interrupted_batch_resumes_where_it_stopped(model, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list(Path("out").glob("*.png"))) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C, mid-image
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, most likely while the third image renders
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert b"--resume" in err and b"Traceback" not in err
@@ -260,3 +281,120 @@ def test_interrupted_batch_resumes_where_it_stopped(model, tmp_path):
     assert sorted(p.name for p in Path("out").iterdir()) == sorted(f"{i}-prompt-number-{i}.png" for i in range(8))
     again = sdcli(*args, "--resume", "--json", text=True)
     assert again.returncode == 0 and records(again.stdout) == []
+
+
+def test_from_image_uses_the_model_stored_in_the_image(model, tiny, run_cli, monkeypatch):
+    assert run_cli("generate", "a hill", "--seed", "2", "--steps", "3", *SIZE, "-o", "hill.png")[0] == 0
+    monkeypatch.setenv("SDCLI_MODEL", str(tiny("sd2").single_file))  # another model in the environment
+    code, out, err = run_cli("generate", "--from-image", "hill.png", "-o", "again.png", "--json")
+    assert code == 0, err
+    assert records(out)[0]["model"] == "tiny-sd1"
+    assert np.array_equal(pixels("hill.png"), pixels("again.png"))
+    # a preset's model also ranks above SDCLI_MODEL; -m above both
+    Path("p.yaml").write_text(f"model: {model}\n")
+    code, out, err = run_cli("generate", "a hill", "--preset", "p.yaml", "--steps", "2", *SIZE, "--json")
+    assert code == 0 and records(out)[0]["model"] == "tiny-sd1"
+    code, out, err = run_cli("generate", "a hill", "--preset", "p.yaml", "-m", str(tiny("sd2").single_file),
+                             "--steps", "2", *SIZE, "--json")
+    assert code == 0 and records(out)[0]["model"] == "tiny-sd2"
+
+
+def test_from_image_of_an_a1111_png_says_what_it_cannot_reproduce(model, run_cli):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat in a hat\nNegative prompt: dogs\nSteps: 3, Sampler: DPM++ 2M Karras, "
+                                "CFG scale: 5, Seed: 77, Size: 64x64, Model hash: 0123456789, Model: other, "
+                                "Hires upscale: 2, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save("a1111.png", pnginfo=info)
+    code, out, err = run_cli("generate", "--from-image", "a1111.png", "--json", "-o", "mine.png")
+    assert code == 0, err
+    [rec] = records(out)
+    assert (rec["prompt"], rec["negative_prompt"], rec["steps"], rec["sampler"], rec["schedule"], rec["cfg_scale"],
+            rec["seed"], rec["width"]) == ("a cat in a hat", "dogs", 3, "dpm++2m", "karras", 5.0, 77, 64)
+    assert "not reproduced: Hires upscale" in err
+    assert "made with model other (hash 0123456789)" in err
+
+
+def test_a1111_sampler_names_are_accepted(model, run_cli):
+    code, out, err = run_cli("generate", "x", "--sampler", "DPM++ 2M Karras", "--steps", "2", *SIZE, "--json")
+    assert code == 0, err
+    assert (records(out)[0]["sampler"], records(out)[0]["schedule"]) == ("dpm++2m", "karras")
+    code, out, err = run_cli("generate", "y", "--sampler", "Euler a", "--steps", "2", *SIZE, "--json")
+    assert code == 0 and records(out)[0]["sampler"] == "euler_a"
+
+
+def test_prompts_file_edge_cases(model, run_cli):
+    # a BOM and CRLF line ends (Notepad), a hyphenated word after a dash, a JSON null that must not override
+    Path("p.txt").write_bytes("\ufeff{\"prompt\": \"a cat\", \"seed\": null}\r\na t-shirt -blurry --seed 4\r\n"
+                              .encode("utf-8"))
+    code, out, err = run_cli("generate", "--from-file", "p.txt", "--seed", "9", "--steps", "2", *SIZE, "--json",
+                             "-o", "o/{index}.png")
+    assert code == 0, err
+    assert [(r["prompt"], r["seed"]) for r in records(out)] == [("a cat", 9), ("a t-shirt -blurry", 4)]
+    for line, message in [("a cat --json", "--json applies to the whole run"),
+                          ("a cat --model x.safetensors", "--model applies to the whole run"),
+                          ("a cat --prompt dog", "has a prompt and --prompt"),
+                          ("{}", "line 1: no prompt"),
+                          ("a cat --output x.jpg", "line 1: --output 'x.jpg'"),
+                          ("a cat --seed", "--seed needs a value")]:
+        Path("bad.txt").write_text(line + "\n")
+        code, _, err = run_cli("generate", "--from-file", "bad.txt", *SIZE)
+        assert code == 2 and message in err and err.count("\n") == 1, (line, err)
+
+
+def test_run_settings_in_presets_are_checked(model, run_cli):
+    for text, message in [("device: 5\n", "device must be text"), ("vae: true\n", "vae must be text"),
+                          ("prediction: x\n", "prediction must be 'eps' or 'v'")]:
+        Path("p.yaml").write_text(text)
+        code, _, err = run_cli("generate", "x", "--preset", "p.yaml", *SIZE)
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_rendering(model, run_cli):
+    os.symlink("/nonexistent/target.png", "dangling.png")
+    code, _, err = run_cli("generate", "x", *SIZE, "-o", "dangling.png")
+    assert code == 2 and "already exists" in err
+    Path("afile").write_text("")
+    code, _, err = run_cli("generate", "x", *SIZE, "-o", "afile/x.png")
+    assert code == 2 and "afile is not a folder" in err
+    if Path("/proc").is_dir():  # even root cannot create files there
+        code, _, err = run_cli("generate", "x", *SIZE, "-o", "/proc/x.png")
+        assert code == 2 and "cannot write into /proc" in err
+
+
+def test_resume_with_random_seeds(model, run_cli):
+    Path("p.txt").write_text("one\ntwo\nthree\n")
+    args = ["generate", "--from-file", "p.txt", "--steps", "2", *SIZE, "-o", "out/", "--json"]
+    code, out, _ = run_cli(*args)
+    first = records(out)
+    assert code == 0 and len(first) == 3
+    Path(first[1]["path"]).unlink()  # as if the run had stopped before it
+    code, out, err = run_cli(*args, "--resume")
+    [again] = records(out)
+    assert code == 0 and again["prompt"] == "two" and "2 image(s) already written" in err
+
+
+def test_quiet_still_reports_each_image_and_seed(model, run_cli):
+    code, out, err = run_cli("generate", "x", "--steps", "2", *SIZE, "--quiet", "-o", "q.png", "--seed", "5")
+    assert code == 0 and out == "" and err.strip().startswith("q.png  seed 5")
+
+
+def test_guidance_batched_or_not_gives_the_same_result(tiny):
+    """cond and uncond of equal length run as one batch of 2; of different lengths (a long prompt, a short
+    negative), as two passes without padding, as A1111 does by default. Both equal the unbatched formula."""
+    from sdcli.engine import Engine
+    from sdcli.loading import load_model
+
+    engine = Engine(load_model(tiny("sd1").single_file), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g) * 3
+    sigma = torch.tensor([3.0])
+    long_cond, _ = engine.encode("a, " * 60, "", 1, 1.0)
+    cond, uncond = engine.encode("a cat", "a dog", 1, 7.0)
+    assert long_cond.shape[1] == 154 and uncond.shape[1] == 77
+    with torch.inference_mode():
+        for c in (cond, long_cond):
+            got = engine.denoiser(x, sigma, c, uncond, 7.0)
+            d_u, d_c = engine.denoiser.denoiser(x, sigma, uncond), engine.denoiser.denoiser(x, sigma, c)
+            assert torch.allclose(got, d_u + (d_c - d_u) * 7.0, atol=1e-4)

@@ -24,10 +24,9 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         # x: [B, C, h, w], sigma: [B], cond: [B, L, D]
-        s = sigma.to(torch.float64)[:, None, None, None]
-        c_in = (1 / (s**2 + 1).sqrt()).to(x.dtype)  # back to the UNet's unit-variance (VP) input
-        t = self.table.sigma_to_t(sigma).to(torch.float32)
-        out = self.unet(x * c_in, t, cond, **unet_kwargs)
+        s = sigma.to(x.dtype)[:, None, None, None]
+        t = self.table.sigma_to_t(sigma.cpu()).to(x.device, torch.float32)  # float64 table (MPS has no float64)
+        out = self.unet(x / (s**2 + 1).sqrt(), t, cond, **unet_kwargs)  # the UNet's unit-variance (VP) input
         s = s.to(out.dtype)
         if self.prediction == "eps":
             return x - s * out
@@ -49,7 +48,10 @@ class CFGDenoiser(nn.Module):
                 cond_scale: float = 1.0) -> torch.Tensor:
         if uncond is None or cond_scale == 1:  # the conditional prediction alone
             return self.denoiser(x, sigma, cond)
-        # [2B, ...]: unconditional first, as diffusers batches them
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
-        uncond_out, cond_out = both.chunk(2)
+        if uncond.shape[1] == cond.shape[1]:
+            # [2B, ...]: unconditional first, as diffusers batches them
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
+            uncond_out, cond_out = both.chunk(2)
+        else:  # prompts of different lengths (in 77-token chunks): two passes, as A1111 does by default
+            uncond_out, cond_out = self.denoiser(x, sigma, uncond), self.denoiser(x, sigma, cond)
         return uncond_out + (cond_out - uncond_out) * cond_scale
