@@ -15,6 +15,7 @@ import re
 import secrets
 import shlex
 import string
+import typing
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,9 @@ class Request:
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
 RUN_KEYS = ("model", "vae", "prediction", "precision", "device")
 REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
-_TYPES = {f.name: f.type for f in dataclasses.fields(Request)}
+# field -> int, float or str (Optional unwrapped)
+_TYPES = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
+          for k, t in typing.get_type_hints(Request).items()}
 _SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output"}
 
 
@@ -61,30 +64,24 @@ def _option(key: str) -> str:
 
 
 def _coerce(key: str, value, where: str):
-    """A setting from text or YAML/JSON to its field type, or a one-line error naming it."""
+    """A setting given as text (a prompts-file line) or typed (YAML, JSON) -> its field's type, or a one-line
+    error naming it."""
     kind = _TYPES[key]
-    if value is None:
-        if "None" in kind:
-            return None
-        raise SdcliError(f"{where}: {_option(key)} needs a value".removeprefix(": "))
+    prefix = f"{where}: " if where else ""
+    if kind is str:
+        if not isinstance(value, str):
+            raise SdcliError(f"{prefix}{_option(key)} must be text, not {value!r}")
+        return value
     try:
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-    except (TypeError, ValueError):
-        word = "a whole number" if kind.startswith("int") else "a number"
-        raise SdcliError(f"{where}: {_option(key)} must be {word}, not {value!r}".removeprefix(": ")) from None
-    if not isinstance(value, str):
-        raise SdcliError(f"{where}: {_option(key)} must be text, not {value!r}".removeprefix(": "))
-    return value
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    except (TypeError, ValueError, OverflowError):
+        word = "a whole number" if kind is int else "a number"
+        raise SdcliError(f"{prefix}{_option(key)} must be {word}, not {value!r}") from None
 
 
 def validate(r: Request, where: str = "") -> Request:

@@ -156,6 +156,8 @@ def info(
     if _is_png(model):
         from sdcli.metadata import read_parameters_text, read_png
 
+        if vae or prediction:
+            raise SdcliError("--vae and --prediction apply to models, not to images")
         print(json.dumps(read_png(model)) if as_json else read_parameters_text(model))
         return
     from sdcli.loading import inspect_model
