@@ -168,13 +168,11 @@ def check_run(settings: dict, where: str) -> dict:
 # --- presets ---------------------------------------------------------------------------------------
 
 def presets_dir() -> Path:
-    """The bundled presets: `presets/` of a source checkout, installed as the `sdcli.presets` package data."""
-    from importlib import resources
-
-    try:
-        return Path(str(resources.files("sdcli.presets")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "presets"
+    """The bundled presets: sdcli/presets/ when installed (pyproject maps presets/ there), else the top-level
+    presets/ of a source checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "presets"
+    return installed if installed.is_dir() else here.parent / "presets"
 
 
 def preset_names() -> list[str]:
