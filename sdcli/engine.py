@@ -18,12 +18,12 @@ from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteS
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one image is denoised (a resolved request: no defaults left open)."""
+    """How one image is denoised: a resolved request (the user-facing defaults live in batch.Request)."""
 
-    steps: int = 20  # denoising steps (UNet calls: Heun and PLMS add about one per step)
-    cfg_scale: float = 7.0  # classifier-free guidance; 1 turns the unconditional pass off
-    sampler: str = "dpm++2m"  # a key of sampling.SAMPLERS
-    schedule: str = "karras"  # a key of sampling.SCHEDULES
+    steps: int  # denoising steps (UNet calls: Heun and PLMS add about one per step)
+    cfg_scale: float  # classifier-free guidance; 1 turns the unconditional pass off
+    sampler: str  # a key of sampling.SAMPLERS
+    schedule: str  # a key of sampling.SCHEDULES
     clip_skip: int = 1  # 1: the model's own text layer; 2: the one before (A1111's "Clip skip")
 
 
@@ -79,7 +79,8 @@ class Engine:
         with torch.inference_mode(), self.autocast():
             # Encoded apart, so each keeps its own length (in 77-token chunks), as A1111 does by default
             cond = encode_prompts(self.model, [prompt], clip_skip).float()
-            result = cond, None if cfg_scale == 1 else encode_prompts(self.model, [negative_prompt], clip_skip).float()
+            uncond = None if cfg_scale == 1 else encode_prompts(self.model, [negative_prompt], clip_skip).float()
+        result = (cond, uncond)
         self._encoded = (key, result)
         return result
 
