@@ -19,9 +19,10 @@ import typing
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sdcli.errors import SdcliError
+from sdcli.images import RESIZE_MODES
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
@@ -44,6 +45,10 @@ class Request:
     n_images: int = 1  # images for this prompt
     batch_size: int = 1  # images rendered together in one UNet batch
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
+    # img2img
+    image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
+    strength: float = 0.75  # how far to noise it: runs the last int(steps * strength) steps; 1 = from noise
+    resize: str = "stretch"  # when the image is not -W x -H: stretch | crop | fit
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
@@ -52,7 +57,7 @@ REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 # field -> int, float or str (Optional unwrapped)
 _TYPES = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
           for k, t in typing.get_type_hints(Request).items()}
-_SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output"}
+_SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output", "-i": "image"}
 
 
 def _key(name: str) -> str:
@@ -110,6 +115,10 @@ def validate(r: Request, where: str = "") -> Request:
         bad(f"--n-images and --batch-size must be between 1 and {MAX_IMAGES}")
     if not 0 <= r.cfg_scale <= 100:
         bad(f"--cfg-scale must be between 0 and 100, not {r.cfg_scale}")
+    if not 0 < r.strength <= 1:
+        bad(f"--strength must be above 0 and at most 1, not {r.strength}")
+    if r.resize not in RESIZE_MODES:
+        bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {r.resize!r}")
     if r.output is not None:
         try:
             check_output_name(r.output)
@@ -216,7 +225,7 @@ def load_preset(name: str) -> tuple[dict, dict]:
 # --- prompts files -----------------------------------------------------------------------------------
 
 # Options start at the first " --name" (or a short -n/-W/-H/-o): "t-shirt -blurry" stays prompt text.
-_OPTIONS_START = re.compile(r"(?:^|\s)(--[A-Za-z]|-[nWHo](?=[\s=]|$))")
+_OPTIONS_START = re.compile(r"(?:^|\s)(--[A-Za-z]|-[nWHoi](?=[\s=]|$))")
 # Command-line options that cannot change from one line to the next.
 _RUN_ONLY = (*RUN_KEYS, "json", "quiet", "overwrite", "resume", "from_file", "from_image", "preset")
 
@@ -345,8 +354,10 @@ def output_template(output: str | None) -> str:
     return output
 
 
-def plan(requests: list[Request], model_name: str, native: int, now: datetime.datetime | None = None) -> list[Job]:
-    """Resolve seeds, schedules, sizes and output paths for every image."""
+def plan(requests: list[Request], model_name: str, size: Callable[[Request], tuple[int, int]],
+         now: datetime.datetime | None = None) -> list[Job]:
+    """Resolve seeds, schedules, sizes (`size(request)` for what -W/-H leave open) and output paths for every
+    image."""
     from sdcli.sampling import SAMPLERS  # the sampler's own schedule
 
     now = now or datetime.datetime.now()
@@ -354,8 +365,8 @@ def plan(requests: list[Request], model_name: str, native: int, now: datetime.da
     for position, r in enumerate(requests):
         random_seed = r.seed is None
         base_seed = secrets.randbelow(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
-        r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule,
-                                width=r.width or native, height=r.height or native)
+        width, height = size(r)
+        r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule, width=width, height=height)
         template = output_template(r.output)
         for i in range(r.n_images):
             seed = (base_seed + i) % (MAX_SEED + 1)

@@ -4,6 +4,8 @@ transformers) happen inside command bodies so `sdcli --help` is instant."""
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -98,8 +100,7 @@ QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress bars or notes; each image's path and seed are still printed on stderr.")]
 
 
-@app.command()
-def generate(
+def _render_options(
     prompt: PromptArg = None,
     negative_prompt: NegativeOpt = None,
     steps: StepsOpt = None,
@@ -132,16 +133,63 @@ def generate(
         "--from-image", metavar="PNG", show_default=False,
         help="Re-render an image from the parameters stored in it; other flags override them.")] = None,
 ):
-    """Text to image. The model is loaded once for a whole batch of prompts."""
+    """The options of every command that renders images: their names, types, help and defaults."""
+
+
+_RENDER_PARAMS = inspect.signature(_render_options, eval_str=True).parameters
+_FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height",
+              "n_images", "batch_size", "clip_skip", "output")
+
+
+def render_command(fn):
+    """Give a command generate's options after its own (fn(options, **own)), so they are defined once."""
+    own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
+    params = [_RENDER_PARAMS["prompt"], *own, *(p for name, p in _RENDER_PARAMS.items() if name != "prompt")]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        return fn({name: kwargs.pop(name) for name in _RENDER_PARAMS}, **kwargs)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _render(task: str, o: dict, **task_flags) -> None:
     from sdcli.render import RunFlags, generate as run
 
-    flags = dict(negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                 schedule=schedule, seed=seed, width=width, height=height, n_images=n_images,
-                 batch_size=batch_size, clip_skip=clip_skip, output=output)
-    settings = dict(model=model, vae=vae, prediction=prediction.value if prediction else None, device=device,
-                    precision=precision)
-    run(prompt, {k: v for k, v in flags.items() if v is not None}, settings, preset, from_file, from_image,
-        RunFlags(overwrite=overwrite, resume=resume, as_json=as_json, quiet=quiet))
+    flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
+    settings = dict(model=o["model"], vae=o["vae"], prediction=o["prediction"].value if o["prediction"] else None,
+                    device=o["device"], precision=o["precision"])
+    run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
+        RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]))
+
+
+@app.command()
+@render_command
+def generate(options: dict):
+    """Text to image. The model is loaded once for a whole batch of prompts."""
+    _render("txt2img", options)
+
+
+@app.command()
+@render_command
+def img2img(
+    options: dict,
+    image: Annotated[Optional[str], typer.Option(
+        "--image", "-i", metavar="PATH", show_default=False,
+        help="The input image (PNG, JPEG, WebP...). Its size, down to multiples of 8, unless -W/-H.")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", show_default=False,
+        help="How much to change it, in (0, 1]: noise it to that level and run the last int(steps * strength) "
+             "steps; 1 starts from pure noise. [default: 0.75]")] = None,
+    resize: Annotated[Optional[str], typer.Option(
+        "--resize", show_default=False,
+        help="When the image is not -W x -H: stretch, crop (fill and cut) or fit (fit inside, extend the "
+             "edges). [default: stretch]")] = None,
+):
+    """Image to image: re-render an image guided by a prompt, keeping its composition."""
+    _render("img2img", options, image=image, strength=strength, resize=resize)
 
 
 @app.command()

@@ -114,6 +114,14 @@ class Engine:
         with torch.inference_mode(), self.autocast():
             return sampler.fn(model or self.denoiser, x, sigmas, extra, callback, noise).float()
 
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """An image [1, 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one posterior sample per
+        generator (drawn before that image's noise, as diffusers draws them)."""
+        with torch.inference_mode(), self.autocast():
+            posterior = self.model.vae.encode(image.to(self.device))  # encoded once for the whole batch
+        eps = self.noise(generators, tuple(posterior.mean.shape[1:]))
+        return (posterior.mean.float() + posterior.std.float() * eps) * self.cfg.latent_scale
+
     # 4. decode
     def decode(self, latents: torch.Tensor, sigma_last: float = 0.0) -> torch.Tensor:
         """Latents at noise level sigma_last -> uint8 images [B, H, W, 3] on the CPU."""
@@ -140,6 +148,28 @@ def txt2img(engine: Engine, prompt: str, negative_prompt: str, s: Sampling, seed
     sigma0 = float(sigmas[0])
     scale = math.sqrt(1 + sigma0**2) if SAMPLERS[s.sampler].vp_start else sigma0
     x = engine.noise(generators, engine.latent_shape(width, height)) * scale
+    # 3. denoise
+    latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
+    # 4. decode
+    return engine.decode(latents, float(sigmas[-1]))
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of `steps` img2img runs: the last int(steps * strength) of the schedule (as diffusers and
+    A1111 do), so strength 1 starts from pure noise."""
+    return min(int(steps * strength), steps)
+
+
+def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: str, s: Sampling, strength: float,
+            seeds: list[int], callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Image [1, 3, H, W] in [-1, 1] to images: one per seed -> uint8 [len(seeds), H, W, 3]."""
+    # 1. encode the prompt
+    cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
+    # 2. prepare latents: the image's latents noised to the level the strength starts at
+    sigmas = engine.sigmas(s)[s.steps - img2img_steps(s.steps, strength):]
+    generators = engine.generators(seeds)
+    x0 = engine.encode_image(image, generators)
+    x = x0 + engine.noise(generators, tuple(x0.shape[1:])) * float(sigmas[0])
     # 3. denoise
     latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
     # 4. decode

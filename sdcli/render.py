@@ -27,11 +27,15 @@ class RunFlags:
     quiet: bool = False  # no progress bars or messages
 
 
-# what a stored image record can set again (the rest is per-run or per-batch)
-_RERENDER_KEYS = tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size"))
+# what a stored image record can set again (the rest is per-run or per-batch), per task
+_IMAGE_KEYS = ("image", "strength", "resize")
+_RERENDER_KEYS = {
+    "txt2img": tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", *_IMAGE_KEYS)),
+    "img2img": tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size")),
+}
 
 
-def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
+def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
            from_image: str | None) -> tuple[list[Request], dict, dict | None]:
     """-> (requests, run settings, the --from-image record) by precedence: defaults < --from-image < --preset
     < flags < a prompts-file line; for the model: -m < preset < the image's model < SDCLI_MODEL."""
@@ -40,7 +44,7 @@ def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_
         from sdcli.metadata import read_png
 
         record = read_png(from_image)
-        base = merge(base, {k: record[k] for k in _RERENDER_KEYS if record.get(k) is not None}, from_image)
+        base = merge(base, {k: record[k] for k in _RERENDER_KEYS[task] if record.get(k) is not None}, from_image)
         stored = {"model": record.get("model_path"), "vae": record.get("vae_path"),
                   "prediction": record.get("prediction")}
         run_settings.update(check_run({k: v for k, v in stored.items() if v is not None}, from_image))
@@ -66,13 +70,15 @@ def gather(prompt: str | None, flags: dict, run: dict, preset: str | None, from_
     raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image PNG")
 
 
-def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
+def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
              from_image: str | None, opts: RunFlags) -> None:
-    """Everything that can be wrong with the input is found before the model loads or a file is written."""
-    from sdcli.engine import Engine, pick_device, pick_precision
+    """`task`: txt2img or img2img. Everything that can be wrong with the input is found before the model
+    loads or a file is written."""
+    from sdcli.engine import Engine, img2img_steps, pick_device, pick_precision
     from sdcli.loading import inspect_model
 
-    requests, settings, record = gather(prompt, flags, run, preset, from_file, from_image)
+    requests, settings, record = gather(task, prompt, flags, run, preset, from_file, from_image)
+    sources = _check_images(task, requests)
     model_path = settings.get("model")
     if not model_path:
         raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
@@ -85,14 +91,25 @@ def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, fro
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
     if cfg.task != "txt2img":
-        raise SdcliError(f"{model_path} is a {cfg.variant} model; generate needs a text-to-image model")
+        raise SdcliError(f"{model_path} is a {cfg.variant} model; {task} needs a text-to-image model")
     for r in requests:
+        if task == "img2img" and img2img_steps(r.steps, r.strength) < 1:
+            raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
+                             "--steps")
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
 
     model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
-    jobs = plan(requests, model_name, default_size(cfg.family, cfg.prediction))
+    native = default_size(cfg.family, cfg.prediction)
+
+    def size(r: Request) -> tuple[int, int]:
+        if r.image is None:
+            return r.width or native, r.height or native
+        w, h = sources[r.image].size  # the input's size, down to multiples of 8
+        return r.width or max(8, w // 8 * 8), r.height or max(8, h // 8 * 8)
+
+    jobs = plan(requests, model_name, size)
     console = Progress(quiet=opts.quiet)
     if opts.resume:
         done = done_keys(jobs)
@@ -114,12 +131,29 @@ def generate(prompt: str | None, flags: dict, run: dict, preset: str | None, fro
     common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
-    render(engine, jobs, common, opts, console)
+    render(task, engine, jobs, sources, common, opts, console)
 
 
-def render(engine, jobs: list[Job], common: dict, opts: RunFlags, console: Progress) -> None:
+def _check_images(task: str, requests: list[Request]) -> dict:
+    """-> {path: PIL image} of every input image, read now so that a bad file stops the run before it starts."""
+    from sdcli.images import load_image
+
+    sources = {}
+    for r in requests:
+        if task == "txt2img" and r.image is not None:
+            raise SdcliError("--image is for img2img: run 'sdcli img2img PROMPT --image IN.png'")
+        if task == "img2img" and r.image is None:
+            raise SdcliError("img2img needs an input image: --image IN.png (or --image on each prompts-file line)")
+        if r.image is not None and r.image not in sources:
+            sources[r.image] = load_image(r.image)
+    return sources
+
+
+def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
+           console: Progress) -> None:
     """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
-    from sdcli.engine import Sampling, txt2img
+    from sdcli.engine import Sampling, img2img, img2img_steps, txt2img
+    from sdcli.images import file_hash, fit, to_tensor
 
     written = 0
     with console.batch(len(jobs)) as bar:
@@ -128,13 +162,21 @@ def render(engine, jobs: list[Job], common: dict, opts: RunFlags, console: Progr
                 r = group[0].request
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{len(jobs)}"
                 start = time.perf_counter()
-                with bar.image(label, r.steps) as step:
-                    images = txt2img(engine, r.prompt, r.negative_prompt,
-                                     Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip),
-                                     [j.request.seed for j in group], r.width, r.height, step)
+                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
+                seeds = [j.request.seed for j in group]
+                extra = {}
+                if task == "img2img":
+                    steps = img2img_steps(r.steps, r.strength)
+                    with bar.image(label, steps) as step:
+                        image = to_tensor(fit(sources[r.image], r.width, r.height, r.resize))
+                        images = img2img(engine, image, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
+                    extra = {"image_hash": file_hash(r.image), "steps_run": steps}
+                else:
+                    with bar.image(label, r.steps) as step:
+                        images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)
                 seconds = (time.perf_counter() - start) / len(group)
                 for job, pixels in zip(group, images, strict=True):
-                    record = {**{k: getattr(job.request, k) for k in _RERENDER_KEYS}, **common,
+                    record = {**{k: getattr(job.request, k) for k in _RERENDER_KEYS[task]}, **common, **extra,
                               "batch_index": job.batch_index, "job": job.key}
                     _write(job, pixels.numpy(), record, opts.overwrite)
                     written += 1

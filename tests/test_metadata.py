@@ -157,8 +157,8 @@ def test_parse_a1111_old_style_sampler_with_extras():
         "model": "v1-5-pruned-emaonly",
         "clip_skip": 2,
         "version": "v1.6.0",
+        "strength": 0.45,  # img2img's --strength (here the hires pass's)
         "extra": {
-            "Denoising strength": "0.45",
             "ENSD": "31337",
             "Hires upscale": "2",
             "Hires steps": "10",

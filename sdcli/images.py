@@ -1,0 +1,67 @@
+"""Input images: reading them with one-line errors, fitting them to a size, and converting to tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sdcli.errors import SdcliError
+
+RESIZE_MODES = ("stretch", "crop", "fit")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image, fully decoded now, so a damaged file fails before any model work."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise SdcliError(f"{path} is not an image file (PNG, JPEG, WebP, ...)") from None
+    except FileNotFoundError:
+        raise SdcliError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise SdcliError(f"{path} is a folder, not an image") from None
+    except OSError as e:  # Pillow says "image file is truncated" and the like
+        raise SdcliError(f"cannot read image {path}: {e.strerror or e}") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise SdcliError(f"cannot read image {path}: {e}") from None
+
+
+def fit(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """Resize to exactly width x height: `stretch` ignores the aspect ratio, `crop` fills and cuts the
+    overflow (centred), `fit` fits inside and extends the edge pixels into the rest (A1111's modes)."""
+    if image.size == (width, height):
+        return image
+    if mode == "stretch":
+        return image.resize((width, height), Image.LANCZOS)
+    iw, ih = image.size
+    scale = (max if mode == "crop" else min)(width / iw, height / ih)
+    w, h = max(1, round(iw * scale)), max(1, round(ih * scale))
+    resized = image.resize((w, h), Image.LANCZOS)
+    if mode == "crop":
+        left, top = (w - width) // 2, (h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    left, top = (width - w) // 2, (height - h) // 2
+    pixels = np.pad(np.asarray(resized), ((top, height - h - top), (left, width - w - left), (0, 0)), mode="edge")
+    return Image.fromarray(pixels)
+
+
+def to_tensor(image: Image.Image):
+    """RGB image -> [1, 3, H, W] float32 in [-1, 1]."""
+    import torch
+
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # [H, W, 3], a copy numpy owns
+    return (pixels / 127.5 - 1).permute(2, 0, 1)[None].contiguous()
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file, first 10 hex digits (stored with the image it was made from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
