@@ -45,10 +45,14 @@ class Request:
     n_images: int = 1  # images for this prompt
     batch_size: int = 1  # images rendered together in one UNet batch
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
-    # img2img
+    # img2img and inpaint
     image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
-    strength: float = 0.75  # how far to noise it: runs the last int(steps * strength) steps; 1 = from noise
+    strength: float | None = None  # runs the last int(steps * strength) steps; None: 0.75 img2img, 1 inpaint
     resize: str = "stretch"  # when the image is not -W x -H: stretch | crop | fit
+    # inpaint
+    mask: str | None = None  # white = repaint, black = keep (grey counts from 50%)
+    invert_mask: bool = False  # repaint the black part instead
+    mask_blur: int = 4  # Gaussian blur radius (px) of the mask's edge where the result is blended back
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
@@ -73,6 +77,11 @@ def _coerce(key: str, value, where: str):
     error naming it."""
     kind = _TYPES[key]
     prefix = f"{where}: " if where else ""
+    if kind is bool:
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(value, bool) or str(value).lower() in words:
+            return value if isinstance(value, bool) else words[str(value).lower()]
+        raise SdcliError(f"{prefix}{_option(key)} must be true or false, not {value!r}")
     if kind is str:
         if not isinstance(value, str):
             raise SdcliError(f"{prefix}{_option(key)} must be text, not {value!r}")
@@ -115,8 +124,10 @@ def validate(r: Request, where: str = "") -> Request:
         bad(f"--n-images and --batch-size must be between 1 and {MAX_IMAGES}")
     if not 0 <= r.cfg_scale <= 100:
         bad(f"--cfg-scale must be between 0 and 100, not {r.cfg_scale}")
-    if not 0 < r.strength <= 1:
+    if r.strength is not None and not 0 < r.strength <= 1:
         bad(f"--strength must be above 0 and at most 1, not {r.strength}")
+    if not 0 <= r.mask_blur <= 256:
+        bad(f"--mask-blur must be between 0 and 256 pixels, not {r.mask_blur}")
     if r.resize not in RESIZE_MODES:
         bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {r.resize!r}")
     if r.output is not None:

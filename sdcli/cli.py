@@ -100,6 +100,15 @@ QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress bars or notes; each image's path and seed are still printed on stderr.")]
 
 
+ImageOpt = Annotated[Optional[str], typer.Option(
+    "--image", "-i", metavar="PATH", show_default=False,
+    help="The input image (PNG, JPEG, WebP...). Its size, down to multiples of 8, unless -W/-H.")]
+ResizeOpt = Annotated[Optional[str], typer.Option(
+    "--resize", show_default=False,
+    help="When the image is not -W x -H: stretch, crop (fill and cut) or fit (fit inside, extend the edges). "
+         "[default: stretch]")]
+
+
 def _render_options(
     prompt: PromptArg = None,
     negative_prompt: NegativeOpt = None,
@@ -176,20 +185,39 @@ def generate(options: dict):
 @render_command
 def img2img(
     options: dict,
-    image: Annotated[Optional[str], typer.Option(
-        "--image", "-i", metavar="PATH", show_default=False,
-        help="The input image (PNG, JPEG, WebP...). Its size, down to multiples of 8, unless -W/-H.")] = None,
+    image: ImageOpt = None,
     strength: Annotated[Optional[float], typer.Option(
         "--strength", show_default=False,
         help="How much to change it, in (0, 1]: noise it to that level and run the last int(steps * strength) "
              "steps; 1 starts from pure noise. [default: 0.75]")] = None,
-    resize: Annotated[Optional[str], typer.Option(
-        "--resize", show_default=False,
-        help="When the image is not -W x -H: stretch, crop (fill and cut) or fit (fit inside, extend the "
-             "edges). [default: stretch]")] = None,
+    resize: ResizeOpt = None,
 ):
     """Image to image: re-render an image guided by a prompt, keeping its composition."""
     _render("img2img", options, image=image, strength=strength, resize=resize)
+
+
+@app.command()
+@render_command
+def inpaint(
+    options: dict,
+    image: ImageOpt = None,
+    mask: Annotated[Optional[str], typer.Option(
+        "--mask", metavar="PATH", show_default=False,
+        help="Same size as the image; white = repaint, black = keep.")] = None,
+    invert_mask: Annotated[Optional[bool], typer.Option(
+        "--invert-mask", help="Repaint the black part instead.", show_default=False)] = None,
+    mask_blur: Annotated[Optional[int], typer.Option(
+        "--mask-blur", metavar="PX", show_default=False,
+        help="Blur radius of the mask's edge where the result is blended back. [default: 4]")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", show_default=False,
+        help="How much to change the masked part, in (0, 1]. [default: 1, from noise]")] = None,
+    resize: ResizeOpt = None,
+):
+    """Repaint the masked part of an image. 9-channel inpainting models see the mask; with ordinary models
+    the rest is held to the original at every step. Pixels outside the (blurred) mask stay unchanged."""
+    _render("inpaint", options, image=image, mask=mask, invert_mask=invert_mask, mask_blur=mask_blur,
+            strength=strength, resize=resize)
 
 
 @app.command()

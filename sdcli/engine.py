@@ -14,6 +14,7 @@ import torch
 from sdcli.errors import SdcliError
 from sdcli.prompting import encode_prompts
 from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
+from sdcli.sampling.denoisers import KnownRegion
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,12 @@ class Engine:
 
     # 3. denoise
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, s: Sampling, cond, uncond, generators,
-                callback: Callable[[int], None] | None = None, model=None) -> torch.Tensor:
-        """Run the sampler from noise level sigmas[0] to sigmas[-1]; `model` wraps the guided denoiser
-        (img2img and inpainting blends)."""
+                callback: Callable[[int], None] | None = None, model=None, **inputs) -> torch.Tensor:
+        """Run the sampler from noise level sigmas[0] to sigmas[-1]. `model` wraps the guided denoiser
+        (inpainting's known region); `inputs` are per-image UNet inputs (concat, class_labels)."""
         b = x.shape[0]
-        extra = {"cond": cond.expand(b, -1, -1),
-                 "uncond": None if uncond is None else uncond.expand(b, -1, -1), "cond_scale": s.cfg_scale}
+        extra = {"cond": cond.expand(b, -1, -1), "uncond": None if uncond is None else uncond.expand(b, -1, -1),
+                 "cond_scale": s.cfg_scale, **inputs}
         sampler = SAMPLERS[s.sampler]
         noise = (lambda sigma, sigma_next: self.noise(generators, tuple(x.shape[1:]))) if sampler.stochastic else None
         with torch.inference_mode(), self.autocast():
@@ -145,9 +146,7 @@ def txt2img(engine: Engine, prompt: str, negative_prompt: str, s: Sampling, seed
     # 2. prepare latents: noise at the first sigma
     sigmas = engine.sigmas(s)
     generators = engine.generators(seeds)
-    sigma0 = float(sigmas[0])
-    scale = math.sqrt(1 + sigma0**2) if SAMPLERS[s.sampler].vp_start else sigma0
-    x = engine.noise(generators, engine.latent_shape(width, height)) * scale
+    x = _start(engine, s, sigmas, engine.noise(generators, engine.latent_shape(width, height)), None)
     # 3. denoise
     latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
     # 4. decode
@@ -160,6 +159,14 @@ def img2img_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def _start(engine: Engine, s: Sampling, sigmas: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor | None):
+    """Latents at sigmas[0]: pure noise scaled as the sampler expects, or the image's latents plus noise."""
+    sigma0 = float(sigmas[0])
+    if x0 is None:
+        return noise * (math.sqrt(1 + sigma0**2) if SAMPLERS[s.sampler].vp_start else sigma0)
+    return x0 + noise * sigma0
+
+
 def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: str, s: Sampling, strength: float,
             seeds: list[int], callback: Callable[[int], None] | None = None) -> torch.Tensor:
     """Image [1, 3, H, W] in [-1, 1] to images: one per seed -> uint8 [len(seeds), H, W, 3]."""
@@ -169,8 +176,39 @@ def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: s
     sigmas = engine.sigmas(s)[s.steps - img2img_steps(s.steps, strength):]
     generators = engine.generators(seeds)
     x0 = engine.encode_image(image, generators)
-    x = x0 + engine.noise(generators, tuple(x0.shape[1:])) * float(sigmas[0])
+    x = _start(engine, s, sigmas, engine.noise(generators, tuple(x0.shape[1:])), x0)
     # 3. denoise
     latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
+    # 4. decode
+    return engine.decode(latents, float(sigmas[-1]))
+
+
+def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, s: Sampling,
+            strength: float, seeds: list[int], callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Repaint where mask [1, 1, H, W] is 1 in image [1, 3, H, W] (in [-1, 1]) -> uint8 [len(seeds), H, W, 3].
+
+    A 9-channel inpainting UNet sees [latents, mask, masked-image latents]; an ordinary one gets the known
+    region imposed at every step (KnownRegion). Pixels are not composited here (see images.composite).
+    """
+    nine = engine.cfg.unet.in_channels == 9
+    # 1. encode the prompt
+    cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
+    # 2. prepare latents; the generator draws in diffusers' order: image latents (when used), noise,
+    #    masked-image latents
+    sigmas = engine.sigmas(s)[s.steps - img2img_steps(s.steps, strength):]
+    generators = engine.generators(seeds)
+    keep = (mask < 0.5).to(image.dtype)  # [1, 1, H, W]
+    x0 = engine.encode_image(image, generators) if strength < 1 or not nine else None
+    shape = engine.latent_shape(image.shape[-1], image.shape[-2])
+    x = _start(engine, s, sigmas, engine.noise(generators, shape), x0)
+    latent_mask = torch.nn.functional.interpolate(1 - keep, size=shape[1:]).to(engine.device)  # nearest
+    # 3. denoise
+    if nine:
+        masked = engine.encode_image(image * keep, generators)
+        concat = torch.cat([latent_mask.expand(len(seeds), -1, -1, -1), masked], dim=1)
+        latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback, concat=concat)
+    else:
+        model = KnownRegion(engine.denoiser, x0, latent_mask)
+        latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback, model=model)
     # 4. decode
     return engine.decode(latents, float(sigmas[-1]))

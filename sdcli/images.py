@@ -65,3 +65,26 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
+
+
+def mask_tensor(mask: Image.Image, invert: bool, blur: int):
+    """A mask image (white = repaint) -> [1, 1, H, W] float32 in [0, 1], inverted and edge-blurred as asked."""
+    import torch
+    from PIL import ImageFilter, ImageOps
+
+    mask = mask.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    return torch.from_numpy(np.array(mask, dtype=np.float32) / 255)[None, None]
+
+
+def composite(original: Image.Image, generated, mask):
+    """Blend generated uint8 images [B, H, W, 3] into the original through mask [1, 1, H, W]: where the mask
+    is 0 the original's pixels come back unchanged."""
+    import torch
+
+    base = torch.from_numpy(np.array(original, dtype=np.float32))  # [H, W, 3]
+    weight = mask[0, 0, :, :, None]  # [H, W, 1]
+    return torch.lerp(base, generated.float(), weight).round().to(torch.uint8)

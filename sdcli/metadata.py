@@ -99,6 +99,7 @@ def to_parameters(record: dict) -> str:
         "VAE": record.get("vae"),
         "Clip skip": record["clip_skip"] if record.get("clip_skip", 1) > 1 else None,
         "Denoising strength": _number(record["strength"]) if record.get("strength") is not None else None,
+        "Mask blur": record.get("mask_blur") if record.get("mask") else None,
         # Not an A1111 key, but a v-prediction image can't be re-rendered as eps; A1111 keeps
         # such extra keys after its own and before Version.
         "Prediction": "v" if record.get("prediction") == "v" else None,
@@ -139,6 +140,8 @@ def _parse_setting(key: str, value: str) -> dict | None:
             return {"clip_skip": int(value)}
         if key == "Denoising strength":
             return {"strength": float(value)}
+        if key == "Mask blur":
+            return {"mask_blur": int(value)}
     except ValueError:  # not a number: kept as written under "extra"
         return None
     if key == "Size":

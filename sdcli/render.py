@@ -29,10 +29,12 @@ class RunFlags:
 
 # what a stored image record can set again (the rest is per-run or per-batch), per task
 _IMAGE_KEYS = ("image", "strength", "resize")
+_MASK_KEYS = ("mask", "invert_mask", "mask_blur")
 _RERENDER_KEYS = {
-    "txt2img": tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", *_IMAGE_KEYS)),
-    "img2img": tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size")),
+    task: tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", *excluded))
+    for task, excluded in {"txt2img": _IMAGE_KEYS + _MASK_KEYS, "img2img": _MASK_KEYS, "inpaint": ()}.items()
 }
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}  # diffusers' defaults
 
 
 def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
@@ -78,6 +80,8 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     from sdcli.loading import inspect_model
 
     requests, settings, record = gather(task, prompt, flags, run, preset, from_file, from_image)
+    if task in DEFAULT_STRENGTH:
+        requests = [dataclasses.replace(r, strength=r.strength or DEFAULT_STRENGTH[task]) for r in requests]
     sources = _check_images(task, requests)
     model_path = settings.get("model")
     if not model_path:
@@ -90,10 +94,11 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     precision = pick_precision(settings.get("precision") or "auto", device)
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
-    if cfg.task != "txt2img":
-        raise SdcliError(f"{model_path} is a {cfg.variant} model; {task} needs a text-to-image model")
+    if cfg.task != "txt2img" and not (task == "inpaint" and cfg.task == "inpainting"):
+        wanted = "a text-to-image or an inpainting" if task == "inpaint" else "a text-to-image"
+        raise SdcliError(f"{model_path} is a {cfg.variant} model; {task} needs {wanted} model")
     for r in requests:
-        if task == "img2img" and img2img_steps(r.steps, r.strength) < 1:
+        if task != "txt2img" and img2img_steps(r.steps, r.strength) < 1:
             raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
                              "--steps")
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
@@ -135,25 +140,43 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
 
 
 def _check_images(task: str, requests: list[Request]) -> dict:
-    """-> {path: PIL image} of every input image, read now so that a bad file stops the run before it starts."""
-    from sdcli.images import load_image
+    """-> {path: PIL image} of every input image and mask, read now so that a bad file stops the run before it
+    starts."""
+    from sdcli.images import load_image, mask_tensor
 
     sources = {}
     for r in requests:
         if task == "txt2img" and r.image is not None:
-            raise SdcliError("--image is for img2img: run 'sdcli img2img PROMPT --image IN.png'")
-        if task == "img2img" and r.image is None:
-            raise SdcliError("img2img needs an input image: --image IN.png (or --image on each prompts-file line)")
-        if r.image is not None and r.image not in sources:
-            sources[r.image] = load_image(r.image)
+            raise SdcliError("--image is for img2img and inpaint: run 'sdcli img2img PROMPT --image IN.png'")
+        if task != "txt2img" and r.image is None:
+            raise SdcliError(f"{task} needs an input image: --image IN.png (or --image on each prompts-file line)")
+        if task != "inpaint" and r.mask is not None:
+            raise SdcliError("--mask is for inpaint: run 'sdcli inpaint PROMPT --image IN.png --mask MASK.png'")
+        if task == "inpaint" and r.mask is None:
+            raise SdcliError("inpaint needs a mask: --mask MASK.png (white = repaint)")
+        for path in (r.image, r.mask):
+            if path is not None and path not in sources:
+                sources[path] = load_image(path)
+        if r.mask is not None:
+            image, mask = sources[r.image], sources[r.mask]
+            if mask.size != image.size:
+                raise SdcliError(f"mask {r.mask} is {mask.size[0]}x{mask.size[1]} but image {r.image} is "
+                                 f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
+            repaint = mask_tensor(mask, r.invert_mask, 0) >= 0.5
+            if not repaint.any():
+                raise SdcliError(f"mask {r.mask} has nothing to repaint{' once inverted' if r.invert_mask else ''}: "
+                                 "white (or light grey) marks what to repaint")
+            if repaint.all():
+                print(f"note: mask {r.mask} covers the whole image: this is img2img at strength {r.strength:g}",
+                      file=sys.stderr)
     return sources
 
 
 def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
            console: Progress) -> None:
     """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
-    from sdcli.engine import Sampling, img2img, img2img_steps, txt2img
-    from sdcli.images import file_hash, fit, to_tensor
+    from sdcli.engine import Sampling, img2img, img2img_steps, inpaint, txt2img
+    from sdcli.images import composite, file_hash, fit, mask_tensor, to_tensor
 
     written = 0
     with console.batch(len(jobs)) as bar:
@@ -171,6 +194,16 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                         image = to_tensor(fit(sources[r.image], r.width, r.height, r.resize))
                         images = img2img(engine, image, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
                     extra = {"image_hash": file_hash(r.image), "steps_run": steps}
+                elif task == "inpaint":
+                    steps = img2img_steps(r.steps, r.strength)
+                    with bar.image(label, steps) as step:
+                        original = fit(sources[r.image], r.width, r.height, r.resize)
+                        mask = mask_tensor(fit(sources[r.mask], r.width, r.height, r.resize), r.invert_mask,
+                                           r.mask_blur)
+                        generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s,
+                                            r.strength, seeds, step)
+                        images = composite(original, generated, mask)  # outside the mask: the original pixels
+                    extra = {"image_hash": file_hash(r.image), "mask_hash": file_hash(r.mask), "steps_run": steps}
                 else:
                     with bar.image(label, r.steps) as step:
                         images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)

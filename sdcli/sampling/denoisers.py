@@ -22,11 +22,16 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prediction type {prediction!r}")
         self.unet, self.table, self.prediction = unet, table, prediction
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, **unet_kwargs) -> torch.Tensor:
-        # x: [B, C, h, w], sigma: [B], cond: [B, L, D]
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, concat: torch.Tensor | None = None,
+                **unet_kwargs) -> torch.Tensor:
+        # x: [B, C, h, w], sigma: [B], cond: [B, L, D]; concat: [B, C', h, w] extra UNet input channels
+        # (inpainting UNets: mask and masked-image latents), appended after the input scaling
         s = sigma.to(x.dtype)[:, None, None, None]
         t = self.table.sigma_to_t(sigma.cpu()).to(x.device, torch.float32)  # float64 table (MPS has no float64)
-        out = self.unet(x / (s**2 + 1).sqrt(), t, cond, **unet_kwargs)  # the UNet's unit-variance (VP) input
+        inp = x / (s**2 + 1).sqrt()  # the UNet's unit-variance (VP) input
+        if concat is not None:
+            inp = torch.cat([inp, concat], dim=1)
+        out = self.unet(inp, t, cond, **unet_kwargs)
         s = s.to(out.dtype)
         if self.prediction == "eps":
             return x - s * out
@@ -45,13 +50,29 @@ class CFGDenoiser(nn.Module):
         self.denoiser = denoiser
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                cond_scale: float = 1.0) -> torch.Tensor:
+                cond_scale: float = 1.0, **kwargs) -> torch.Tensor:
+        """kwargs: per-image tensors for the denoiser (concat, class_labels), doubled with x when batched."""
         if uncond is None or cond_scale == 1:  # the conditional prediction alone
-            return self.denoiser(x, sigma, cond)
+            return self.denoiser(x, sigma, cond, **kwargs)
         if uncond.shape[1] == cond.shape[1]:
             # [2B, ...]: unconditional first, as diffusers batches them
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
+            doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]), **doubled)
             uncond_out, cond_out = both.chunk(2)
         else:  # prompts of different lengths (in 77-token chunks): two passes, as A1111 does by default
-            uncond_out, cond_out = self.denoiser(x, sigma, uncond), self.denoiser(x, sigma, cond)
+            uncond_out = self.denoiser(x, sigma, uncond, **kwargs)
+            cond_out = self.denoiser(x, sigma, cond, **kwargs)
         return uncond_out + (cond_out - uncond_out) * cond_scale
+
+
+class KnownRegion(nn.Module):
+    """Inpainting with an ordinary model: outside the mask the prediction is the original latents, so the
+    sampler walks that region down the original's own noised path while the rest is generated to fit it."""
+
+    def __init__(self, denoiser: nn.Module, latents: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        # latents: [B, C, h, w] clean; mask: [1, 1, h, w], 1 = repaint
+        self.denoiser, self.latents, self.mask = denoiser, latents, mask
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.lerp(self.latents, self.denoiser(x, sigma, **kwargs), self.mask)
