@@ -96,6 +96,9 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", metavar="NAME|FILE", help="Settings from presets/NAME.yaml or a YAML file; flags override them.",
     show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout (path, seed, settings).")]
+VaeTilingOpt = Annotated[bool, typer.Option(
+    "--vae-tiling", help="Encode and decode with the VAE in overlapping tiles (bounded memory for large images); "
+                         "automatic above 768x768 px on SD models.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress bars or notes; each image's path and seed are still printed on stderr.")]
 
@@ -132,6 +135,7 @@ def _render_options(
     preset: PresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    vae_tiling: VaeTilingOpt = False,
     from_file: Annotated[Optional[str], typer.Option(
         "--from-file", metavar="FILE", show_default=False,
         help="Prompts file: one prompt per line, optionally with options ('a cat --seed 5 --steps 30'), "
@@ -169,7 +173,7 @@ def _render(task: str, o: dict, **task_flags) -> None:
 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
     settings = dict(model=o["model"], vae=o["vae"], prediction=o["prediction"].value if o["prediction"] else None,
-                    device=o["device"], precision=o["precision"])
+                    device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None)
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
         RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]))
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from sdcli import tiling
 from sdcli.errors import SdcliError
 from sdcli.prompting import encode_prompts
 from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
@@ -58,8 +59,9 @@ def pick_precision(name: str, device: torch.device) -> str:
 class Engine:
     """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
 
-    def __init__(self, model, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None):
         self.model, self.device, self.precision = model, device, precision
+        self.vae_tiling = vae_tiling  # None: tile the VAE only above tiling.AUTO_TILING_AREA
         self.cfg = model.cfg
         self.table = DiscreteSigmas(model.cfg.schedule)
         self.denoiser = CFGDenoiser(Denoiser(model.unet, self.table, model.cfg.prediction))
@@ -119,7 +121,8 @@ class Engine:
         """An image [1, 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one posterior sample per
         generator (drawn before that image's noise, as diffusers draws them)."""
         with torch.inference_mode(), self.autocast():
-            posterior = self.model.vae.encode(image.to(self.device))  # encoded once for the whole batch
+            # encoded once for the whole batch
+            posterior = tiling.encode(self.model.vae, image.to(self.device), self.vae_tiling)
         eps = self.noise(generators, tuple(posterior.mean.shape[1:]))
         return (posterior.mean.float() + posterior.std.float() * eps) * self.cfg.latent_scale
 
@@ -131,9 +134,9 @@ class Engine:
         z = latents / math.sqrt(1 + sigma_last**2) / self.cfg.latent_scale
         with torch.inference_mode():
             with self.autocast():
-                images = self.model.vae.decode(z)
-            if self.precision != "fp32" and not torch.isfinite(images).all():
-                images = self.model.vae.decode(z)  # fp16 VAEs overflow on some images: redo it in fp32
+                images = tiling.decode(self.model.vae, z, self.vae_tiling)
+            if self.precision != "fp32" and not torch.isfinite(images).all():  # fp16 VAEs overflow on some
+                images = tiling.decode(self.model.vae, z, self.vae_tiling)  # images: redo it in fp32
         images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
 

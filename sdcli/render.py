@@ -128,7 +128,7 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
 
     from sdcli.metadata import model_hash
 
-    engine = Engine(checkpoint.load(device), device, precision)
+    engine = Engine(checkpoint.load(device), device, precision, vae_tiling=settings.get("vae_tiling"))
     vae = settings.get("vae")
     digest = model_hash(model_path)
     if record:
