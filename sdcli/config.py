@@ -166,6 +166,6 @@ ARCHITECTURES: dict[str, ModelConfig] = {
         ),
         vae=VAEConfig(ch_mult=(1, 2, 4)),
         text=SD2_TEXT, family="sd2", prediction="v", latent_scale=0.08333,
-        schedule=NoiseSchedule("linear", 0.0001, 0.02),
+        schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02),  # LDM's "linear" (sqrt-spaced betas)
     ),
 }

@@ -60,7 +60,8 @@ def test_prediction_override_and_detection(tiny):
     assert ckpt.config.prediction == "eps" and ckpt.prediction_source == "set by the user"
     x4 = inspect_model(tiny("x4").single_file).config
     assert (x4.task, x4.prediction, x4.latent_scale, x4.vae.downsample_factor) == ("upscale-x4", "v", 0.08333, 4)
-    assert x4.schedule.beta_schedule == "linear"
+    # LDM's "linear" betas are sqrt-spaced: diffusers' "scaled_linear" (as its single-file loader converts them)
+    assert (x4.schedule.beta_schedule, x4.schedule.beta_start, x4.schedule.beta_end) == ("scaled_linear", 0.0001, 0.02)
     assert inspect_model(tiny("inpaint").single_file).config.task == "inpainting"
 
 
@@ -203,4 +204,4 @@ def test_x4_file_without_vae_gets_x4_conventions_from_the_vae_given(tiny, tmp_pa
     path = tmp_path / "x4-novae.safetensors"
     save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, str(path))
     cfg = inspect_model(path, vae=tiny("x4").folder / "vae").config
-    assert (cfg.latent_scale, cfg.schedule.beta_schedule, cfg.vae.downsample_factor) == (0.08333, "linear", 4)
+    assert (cfg.latent_scale, cfg.schedule.beta_schedule, cfg.vae.downsample_factor) == (0.08333, "scaled_linear", 4)

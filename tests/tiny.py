@@ -132,8 +132,9 @@ def build(kind: str, root: Path) -> TinyModel:
     common = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)
     if kind == "x4":
         pipe = StableDiffusionUpscalePipeline(
-            **common, low_res_scheduler=DDPMScheduler(beta_schedule="linear"),
-            scheduler=DDIMScheduler(beta_schedule="linear", prediction_type="v_prediction"), max_noise_level=350,
+            **common, low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
+            scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
+                                    prediction_type="v_prediction"), max_noise_level=350,
         )
     else:
         scheduler = (

@@ -279,7 +279,8 @@ def _prefixed(prefix: str) -> Callable[[list[str]], Layout]:
 def _single_file_conventions(cfg: ModelConfig) -> tuple[ModelConfig, str]:
     """What a single file cannot say: the x4 upscaler's latent scale and schedule, the prediction type."""
     if cfg.task == "upscale-x4" and cfg.vae.downsample_factor == 4:
-        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("linear", 0.0001, 0.02))
+        # LDM's "linear" betas are linspace(sqrt(start), sqrt(end)) ** 2: diffusers' "scaled_linear"
+        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02))
     prediction, why = _default_prediction(cfg)
     return replace(cfg, prediction=prediction), why
 
