@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from sdcli.errors import SdcliError
-from sdcli.images import RESIZE_MODES
+from sdcli.images import RESIZE_MODES, parse_extend
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
@@ -53,6 +53,7 @@ class Request:
     mask: str | None = None  # white = repaint, black = keep (grey counts from 50%)
     invert_mask: bool = False  # repaint the black part instead
     mask_blur: int = 4  # Gaussian blur radius (px) of the mask's edge where the result is blended back
+    extend: str | None = None  # outpainting: "left=128,top=64,right=0,bottom=0" grows the canvas to repaint
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
@@ -126,6 +127,11 @@ def validate(r: Request, where: str = "") -> Request:
         bad(f"--cfg-scale must be between 0 and 100, not {r.cfg_scale}")
     if r.strength is not None and not 0 < r.strength <= 1:
         bad(f"--strength must be above 0 and at most 1, not {r.strength}")
+    if r.extend is not None:
+        try:
+            parse_extend(r.extend)
+        except SdcliError as e:
+            bad(str(e))
     if not 0 <= r.mask_blur <= 256:
         bad(f"--mask-blur must be between 0 and 256 pixels, not {r.mask_blur}")
     if r.resize not in RESIZE_MODES:

@@ -217,11 +217,15 @@ def inpaint(
         "--strength", show_default=False,
         help="How much to change the masked part, in (0, 1]. [default: 1, from noise]")] = None,
     resize: ResizeOpt = None,
+    extend: Annotated[Optional[str], typer.Option(
+        "--extend", metavar="SIDES", show_default=False,
+        help="Outpaint: grow the canvas by 'left=128,top=64,right=0,bottom=0' pixels (multiples of 8) and paint "
+             "the new border; --mask is then optional.")] = None,
 ):
     """Repaint the masked part of an image. 9-channel inpainting models see the mask; with ordinary models
     the rest is held to the original at every step. Pixels outside the (blurred) mask stay unchanged."""
     _render("inpaint", options, image=image, mask=mask, invert_mask=invert_mask, mask_blur=mask_blur,
-            strength=strength, resize=resize)
+            strength=strength, resize=resize, extend=extend)
 
 
 @app.command()

@@ -88,3 +88,29 @@ def composite(original: Image.Image, generated, mask):
     base = torch.from_numpy(np.array(original, dtype=np.float32))  # [H, W, 3]
     weight = mask[0, 0, :, :, None]  # [H, W, 1]
     return torch.lerp(base, generated.float(), weight).round().to(torch.uint8)
+
+
+SIDES = ("left", "top", "right", "bottom")
+
+
+def parse_extend(text: str) -> dict[str, int]:
+    """"left=128,top=64" -> {"left": 128, "top": 64, "right": 0, "bottom": 0} (pixels, multiples of 8)."""
+    sides = dict.fromkeys(SIDES, 0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in sides or not value.strip().isdigit():
+            raise SdcliError(f"--extend {text!r}: write sides as left=128,top=64 (left, top, right, bottom)")
+        sides[name.strip()] = int(value)
+    if any(v % 8 or v > 4096 for v in sides.values()) or not any(sides.values()):
+        raise SdcliError(f"--extend {text!r}: each side must be a multiple of 8 up to 4096, and one above 0")
+    return sides
+
+
+def extend(image: Image.Image, mask: Image.Image | None, sides: dict[str, int]) -> tuple[Image.Image, Image.Image]:
+    """Outpainting: grow the canvas (the new border starts as the image's edge pixels, stretched out) and
+    mark the border for repainting, together with the mask's own white part if a mask is given."""
+    left, top, right, bottom = (sides[k] for k in SIDES)
+    pixels = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    grown = Image.new("L", (pixels.shape[1], pixels.shape[0]), 255)
+    grown.paste(mask.convert("L") if mask is not None else Image.new("L", image.size, 0), (left, top))
+    return Image.fromarray(pixels), grown

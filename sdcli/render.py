@@ -29,7 +29,7 @@ class RunFlags:
 
 # what a stored image record can set again (the rest is per-run or per-batch), per task
 _IMAGE_KEYS = ("image", "strength", "resize")
-_MASK_KEYS = ("mask", "invert_mask", "mask_blur")
+_MASK_KEYS = ("mask", "invert_mask", "mask_blur", "extend")
 _RERENDER_KEYS = {
     task: tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", *excluded))
     for task, excluded in {"txt2img": _IMAGE_KEYS + _MASK_KEYS, "img2img": _MASK_KEYS, "inpaint": ()}.items()
@@ -111,7 +111,8 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     def size(r: Request) -> tuple[int, int]:
         if r.image is None:
             return r.width or native, r.height or native
-        w, h = sources[r.image].size  # the input's size, down to multiples of 8
+        image = _inpaint_inputs(r, sources)[0] if r.extend else sources[r.image]
+        w, h = image.size  # the input's size (grown by --extend), down to multiples of 8
         return r.width or max(8, w // 8 * 8), r.height or max(8, h // 8 * 8)
 
     jobs = plan(requests, model_name, size)
@@ -152,17 +153,20 @@ def _check_images(task: str, requests: list[Request]) -> dict:
             raise SdcliError(f"{task} needs an input image: --image IN.png (or --image on each prompts-file line)")
         if task != "inpaint" and r.mask is not None:
             raise SdcliError("--mask is for inpaint: run 'sdcli inpaint PROMPT --image IN.png --mask MASK.png'")
-        if task == "inpaint" and r.mask is None:
-            raise SdcliError("inpaint needs a mask: --mask MASK.png (white = repaint)")
+        if task == "inpaint" and r.mask is None and r.extend is None:
+            raise SdcliError("inpaint needs a mask: --mask MASK.png (white = repaint), or --extend to outpaint")
+        if task != "inpaint" and r.extend is not None:
+            raise SdcliError("--extend is for inpaint: run 'sdcli inpaint PROMPT --image IN.png --extend left=128'")
         for path in (r.image, r.mask):
             if path is not None and path not in sources:
                 sources[path] = load_image(path)
-        if r.mask is not None:
-            image, mask = sources[r.image], sources[r.mask]
-            if mask.size != image.size:
+        if task == "inpaint":
+            image, mask = sources[r.image], sources.get(r.mask)
+            if mask is not None and mask.size != image.size:
                 raise SdcliError(f"mask {r.mask} is {mask.size[0]}x{mask.size[1]} but image {r.image} is "
                                  f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
-            repaint = mask_tensor(mask, r.invert_mask, 0) >= 0.5
+            image, mask = _inpaint_inputs(r, sources)
+            repaint = mask_tensor(mask, r.invert_mask and r.extend is None, 0) >= 0.5
             if not repaint.any():
                 raise SdcliError(f"mask {r.mask} has nothing to repaint{' once inverted' if r.invert_mask else ''}: "
                                  "white (or light grey) marks what to repaint")
@@ -170,6 +174,23 @@ def _check_images(task: str, requests: list[Request]) -> dict:
                 print(f"note: mask {r.mask} covers the whole image: this is img2img at strength {r.strength:g}",
                       file=sys.stderr)
     return sources
+
+
+def _inpaint_inputs(r: Request, sources: dict):
+    """(image, mask) to inpaint: as given, or grown by --extend with the new border to repaint."""
+    from sdcli.images import extend, parse_extend
+
+    if r.extend is None:
+        return sources[r.image], sources[r.mask]
+    key = ("extend", r.image, r.mask, r.extend, r.invert_mask)
+    if key not in sources:
+        mask = sources.get(r.mask)
+        if mask is not None and r.invert_mask:  # the border is always repainted: invert the user's part only
+            from PIL import ImageOps
+
+            mask = ImageOps.invert(mask.convert("L"))
+        sources[key] = extend(sources[r.image], mask, parse_extend(r.extend))
+    return sources[key]
 
 
 def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
@@ -197,13 +218,15 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                 elif task == "inpaint":
                     steps = img2img_steps(r.steps, r.strength)
                     with bar.image(label, steps) as step:
-                        original = fit(sources[r.image], r.width, r.height, r.resize)
-                        mask = mask_tensor(fit(sources[r.mask], r.width, r.height, r.resize), r.invert_mask,
-                                           r.mask_blur)
+                        source, source_mask = _inpaint_inputs(r, sources)
+                        original = fit(source, r.width, r.height, r.resize)
+                        invert = r.invert_mask and r.extend is None  # _inpaint_inputs inverted it already
+                        mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), invert, r.mask_blur)
                         generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s,
                                             r.strength, seeds, step)
                         images = composite(original, generated, mask)  # outside the mask: the original pixels
-                    extra = {"image_hash": file_hash(r.image), "mask_hash": file_hash(r.mask), "steps_run": steps}
+                    extra = {"image_hash": file_hash(r.image), "steps_run": steps,
+                             "mask_hash": file_hash(r.mask) if r.mask else None}
                 else:
                     with bar.image(label, r.steps) as step:
                         images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)

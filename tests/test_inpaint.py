@@ -143,3 +143,31 @@ def test_mask_belongs_to_inpaint(workdir, run_cli):
     Path("p.txt").write_text("a cat --mask mask.png\n")
     code, _, err = run_cli("img2img", "--from-file", "p.txt", "-i", "in.png")
     assert code == 2 and "--mask is for inpaint" in err
+
+
+def test_outpainting_grows_the_canvas_and_keeps_the_original(workdir, run_cli):
+    code, out, err = run_cli("inpaint", "a wide view", "-i", "in.png", "--extend", "left=32,bottom=16",
+                             "--mask-blur", "0", "--steps", "4", "--json", "-o", "wide.png")
+    assert code == 0, err
+    after, before = pixels("wide.png"), pixels("in.png")
+    assert after.shape == (80, 96, 3) and json.loads(out)["extend"] == "left=32,bottom=16"
+    assert np.array_equal(after[:64, 32:], before)  # the original, where it was pasted
+    # the new border was painted, not left as the stretched edge it started from
+    edge = np.pad(before, ((0, 16), (32, 0), (0, 0)), mode="edge")
+    assert np.abs(after[:, :32] - edge[:, :32]).mean() > 10
+    # with a mask too: its white part and the border are repainted, the rest kept
+    code, _, err = run_cli("inpaint", "x", "-i", "in.png", "--mask", "mask.png", "--extend", "top=16",
+                           "--mask-blur", "0", "--steps", "4", "-o", "both.png")
+    assert code == 0, err
+    both, keep = pixels("both.png"), box_mask() == 0
+    assert both.shape == (80, 64, 3) and np.array_equal(both[16:][keep], before[keep])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--extend", "left=30"], "each side must be a multiple of 8"),
+    (["--extend", "up=32"], "write sides as left=128,top=64"),
+    (["--extend", "left=0"], "and one above 0"),
+])
+def test_outpainting_errors(workdir, run_cli, args, message):
+    code, _, err = run_cli("inpaint", "x", "-i", "in.png", *args)
+    assert code == 2 and message in err and err.count("\n") == 1, err
