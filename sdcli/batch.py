@@ -100,11 +100,20 @@ def _coerce(key: str, value, where: str):
 
 
 def validate(r: Request, where: str = "") -> Request:
+    """`r`, or a one-line error naming `where` (a prompts-file line, a preset) and what is wrong."""
+    try:
+        _validate(r)
+    except SdcliError as e:
+        raise SdcliError(f"{where}: {e}" if where else str(e)) from None
+    return r
+
+
+def _validate(r: Request) -> None:
     from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULES
 
     def bad(message: str):
-        raise SdcliError(f"{where}: {message}" if where else message)
+        raise SdcliError(message)
 
     if r.sampler not in SAMPLERS:
         bad(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -128,25 +137,16 @@ def validate(r: Request, where: str = "") -> Request:
     if r.strength is not None and not 0 < r.strength <= 1:
         bad(f"--strength must be above 0 and at most 1, not {r.strength}")
     if r.extend is not None:
-        try:
-            parse_extend(r.extend)
-        except SdcliError as e:
-            bad(str(e))
+        parse_extend(r.extend)
     if not 0 <= r.mask_blur <= 256:
         bad(f"--mask-blur must be between 0 and 256 pixels, not {r.mask_blur}")
     if r.resize not in RESIZE_MODES:
         bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {r.resize!r}")
     if r.output is not None:
-        try:
-            check_output_name(r.output)
-        except SdcliError as e:
-            bad(str(e))
-    try:  # a malformed (word:weight) must stop the run before any image, not at its line
-        parse_prompt_attention(r.prompt)
-        parse_prompt_attention(r.negative_prompt)
-    except SdcliError as e:
-        bad(str(e))
-    return r
+        check_output_name(r.output)
+    # a malformed (word:weight) must stop the run before any image, not at its line
+    parse_prompt_attention(r.prompt)
+    parse_prompt_attention(r.negative_prompt)
 
 
 def merge(base: Request, settings: dict, where: str = "") -> Request:

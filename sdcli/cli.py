@@ -106,6 +106,10 @@ QuietOpt = Annotated[bool, typer.Option(
 ImageOpt = Annotated[Optional[str], typer.Option(
     "--image", "-i", metavar="PATH", show_default=False,
     help="The input image (PNG, JPEG, WebP...). Its size, down to multiples of 8, unless -W/-H.")]
+StrengthOpt = Annotated[Optional[float], typer.Option(
+    "--strength", show_default=False,
+    help="How much to change the image, in (0, 1]: noise it to that level and run the last int(steps * strength) "
+         "steps; 1 starts from pure noise. [default: 0.75 for img2img, 1 for inpaint]")]
 ResizeOpt = Annotated[Optional[str], typer.Option(
     "--resize", show_default=False,
     help="When the image is not -W x -H: stretch, crop (fill and cut) or fit (fit inside, extend the edges). "
@@ -190,10 +194,7 @@ def generate(options: dict):
 def img2img(
     options: dict,
     image: ImageOpt = None,
-    strength: Annotated[Optional[float], typer.Option(
-        "--strength", show_default=False,
-        help="How much to change it, in (0, 1]: noise it to that level and run the last int(steps * strength) "
-             "steps; 1 starts from pure noise. [default: 0.75]")] = None,
+    strength: StrengthOpt = None,
     resize: ResizeOpt = None,
 ):
     """Image to image: re-render an image guided by a prompt, keeping its composition."""
@@ -213,9 +214,7 @@ def inpaint(
     mask_blur: Annotated[Optional[int], typer.Option(
         "--mask-blur", metavar="PX", show_default=False,
         help="Blur radius of the mask's edge where the result is blended back. [default: 4]")] = None,
-    strength: Annotated[Optional[float], typer.Option(
-        "--strength", show_default=False,
-        help="How much to change the masked part, in (0, 1]. [default: 1, from noise]")] = None,
+    strength: StrengthOpt = None,
     resize: ResizeOpt = None,
     extend: Annotated[Optional[str], typer.Option(
         "--extend", metavar="SIDES", show_default=False,
@@ -274,13 +273,9 @@ def info(
 
 def _is_png(path: str) -> bool:
     """An image to read parameters from (other image types get a clear error from the PNG reader)."""
-    if path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
-        return False
+    from sdcli.metadata import has_png_signature
+
+    return path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")) or has_png_signature(path)
 
 
 @app.command()

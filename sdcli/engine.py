@@ -65,7 +65,9 @@ class Engine:
         self.cfg = model.cfg
         self.table = DiscreteSigmas(model.cfg.schedule)
         self.denoiser = CFGDenoiser(Denoiser(model.unet, self.table, model.cfg.prediction))
-        self._encoded: tuple = (None, None)  # (key, result): a prompt's images often come in several batches
+        # one-entry caches, (key, result): a prompt's images often come in several batches
+        self._encoded: tuple = (None, None)
+        self._posterior: tuple = (None, None)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -101,8 +103,9 @@ class Engine:
         with a list of generators), so a seed gives the same image on every device and batch size."""
         return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(self.device)
 
-    def sigmas(self, s: Sampling) -> torch.Tensor:
-        return SCHEDULES[s.schedule](self.table, s.steps)
+    def sigmas(self, s: Sampling, strength: float = 1.0) -> torch.Tensor:
+        """The schedule's noise levels; below strength 1, only its last img2img_steps(steps, strength) steps."""
+        return SCHEDULES[s.schedule](self.table, s.steps)[s.steps - img2img_steps(s.steps, strength):]
 
     # 3. denoise
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, s: Sampling, cond, uncond, generators,
@@ -120,9 +123,12 @@ class Engine:
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """An image [1, 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one posterior sample per
         generator (drawn before that image's noise, as diffusers draws them)."""
-        with torch.inference_mode(), self.autocast():
-            # encoded once for the whole batch
-            posterior = tiling.encode(self.model.vae, image.to(self.device), self.vae_tiling)
+        if self._posterior[0] is image:  # the same input tensor as the last batch's
+            posterior = self._posterior[1]
+        else:
+            with torch.inference_mode(), self.autocast():  # once for the whole batch
+                posterior = tiling.encode(self.model.vae, image.to(self.device), self.vae_tiling)
+            self._posterior = (image, posterior)
         eps = self.noise(generators, tuple(posterior.mean.shape[1:]))
         return (posterior.mean.float() + posterior.std.float() * eps) * self.cfg.latent_scale
 
@@ -176,7 +182,7 @@ def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: s
     # 1. encode the prompt
     cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
     # 2. prepare latents: the image's latents noised to the level the strength starts at
-    sigmas = engine.sigmas(s)[s.steps - img2img_steps(s.steps, strength):]
+    sigmas = engine.sigmas(s, strength)
     generators = engine.generators(seeds)
     x0 = engine.encode_image(image, generators)
     x = _start(engine, s, sigmas, engine.noise(generators, tuple(x0.shape[1:])), x0)
@@ -198,7 +204,7 @@ def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str
     cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
     # 2. prepare latents; the generator draws in diffusers' order: image latents (when used), noise,
     #    masked-image latents
-    sigmas = engine.sigmas(s)[s.steps - img2img_steps(s.steps, strength):]
+    sigmas = engine.sigmas(s, strength)
     generators = engine.generators(seeds)
     keep = (mask < 0.5).to(image.dtype)  # [1, 1, H, W]
     x0 = engine.encode_image(image, generators) if strength < 1 or not nine else None

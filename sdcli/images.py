@@ -67,14 +67,12 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def mask_tensor(mask: Image.Image, invert: bool, blur: int):
-    """A mask image (white = repaint) -> [1, 1, H, W] float32 in [0, 1], inverted and edge-blurred as asked."""
+def mask_tensor(mask: Image.Image, blur: int):
+    """A mask image (white = repaint) -> [1, 1, H, W] float32 in [0, 1], its edge blurred by `blur` px."""
     import torch
-    from PIL import ImageFilter, ImageOps
+    from PIL import ImageFilter
 
     mask = mask.convert("L")
-    if invert:
-        mask = ImageOps.invert(mask)
     if blur:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     return torch.from_numpy(np.array(mask, dtype=np.float32) / 255)[None, None]

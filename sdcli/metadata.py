@@ -127,23 +127,19 @@ def sampler_from_label(label: str) -> dict | None:
     return None
 
 
+# A1111 label -> (record field, type) of the numeric settings
+_NUMBERS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+            "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", int)}
+
+
 def _parse_setting(key: str, value: str) -> dict | None:
     """The record fields for one settings pair, or None if it maps to none of ours."""
-    try:
-        if key == "Steps":
-            return {"steps": int(value)}
-        if key == "CFG scale":
-            return {"cfg_scale": float(value)}
-        if key == "Seed":
-            return {"seed": int(value)}
-        if key == "Clip skip":
-            return {"clip_skip": int(value)}
-        if key == "Denoising strength":
-            return {"strength": float(value)}
-        if key == "Mask blur":
-            return {"mask_blur": int(value)}
-    except ValueError:  # not a number: kept as written under "extra"
-        return None
+    if key in _NUMBERS:
+        name, kind = _NUMBERS[key]
+        try:
+            return {name: kind(value)}
+        except ValueError:  # not a number: kept as written under "extra"
+            return None
     if key == "Size":
         m = _SIZE.fullmatch(value.strip())
         return {"width": int(m[1]), "height": int(m[2])} if m else None
@@ -219,7 +215,7 @@ def encode_png(image: Image.Image, record: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _has_png_signature(path) -> bool:
+def has_png_signature(path) -> bool:
     try:
         with open(path, "rb") as f:
             return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
@@ -247,7 +243,7 @@ def _png_text(path) -> dict[str, str]:
             found = {k: v for k, v in image.info.items() if isinstance(v, str)}
             return found if ("sdcli" in found or "parameters" in found) else dict(image.text)
     except UnidentifiedImageError:
-        if _has_png_signature(path):  # Pillow can't tell a damaged PNG from a non-image
+        if has_png_signature(path):  # Pillow can't tell a damaged PNG from a non-image
             raise SdcliError(f"cannot read {path}: damaged PNG") from None
         raise SdcliError(f"{path} is not an image file: expected a PNG written by sdcli or A1111") from None
     except OSError as e:

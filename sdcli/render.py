@@ -86,8 +86,6 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     model_path = settings.get("model")
     if not model_path:
         raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
-    if settings.get("prediction") not in (None, "eps", "v"):
-        raise SdcliError(f"prediction must be 'eps' or 'v', not {settings['prediction']!r}")
     if opts.as_json and any(r.output == "-" for r in requests):
         raise SdcliError("--json and -o - would both write to stdout: choose one")
     device = pick_device(settings.get("device") or "auto")
@@ -165,8 +163,7 @@ def _check_images(task: str, requests: list[Request]) -> dict:
             if mask is not None and mask.size != image.size:
                 raise SdcliError(f"mask {r.mask} is {mask.size[0]}x{mask.size[1]} but image {r.image} is "
                                  f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
-            image, mask = _inpaint_inputs(r, sources)
-            repaint = mask_tensor(mask, r.invert_mask and r.extend is None, 0) >= 0.5
+            repaint = mask_tensor(_inpaint_inputs(r, sources)[1], 0) >= 0.5
             if not repaint.any():
                 raise SdcliError(f"mask {r.mask} has nothing to repaint{' once inverted' if r.invert_mask else ''}: "
                                  "white (or light grey) marks what to repaint")
@@ -177,27 +174,54 @@ def _check_images(task: str, requests: list[Request]) -> dict:
 
 
 def _inpaint_inputs(r: Request, sources: dict):
-    """(image, mask) to inpaint: as given, or grown by --extend with the new border to repaint."""
+    """(image, mask) to inpaint, the mask white where to repaint: inverted by --invert-mask, and with
+    --extend grown together with the image (its new border always repainted). Cached in `sources`."""
+    from PIL import ImageOps
+
     from sdcli.images import extend, parse_extend
 
-    if r.extend is None:
-        return sources[r.image], sources[r.mask]
-    key = ("extend", r.image, r.mask, r.extend, r.invert_mask)
+    key = ("inpaint", r.image, r.mask, r.extend, r.invert_mask)
     if key not in sources:
         mask = sources.get(r.mask)
-        if mask is not None and r.invert_mask:  # the border is always repainted: invert the user's part only
-            from PIL import ImageOps
-
+        if mask is not None and r.invert_mask:
             mask = ImageOps.invert(mask.convert("L"))
-        sources[key] = extend(sources[r.image], mask, parse_extend(r.extend))
+        sources[key] = extend(sources[r.image], mask, parse_extend(r.extend)) if r.extend else (sources[r.image], mask)
     return sources[key]
+
+
+def _cached(sources: dict, key: tuple, make):
+    """`sources` doubles as the run's cache of what its inputs give (hashes, fitted tensors)."""
+    if key not in sources:
+        sources[key] = make()
+    return sources[key]
+
+
+def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: dict, step):
+    """One batch of one request -> (uint8 images [B, H, W, 3], the task's own record fields)."""
+    from sdcli.engine import img2img, img2img_steps, inpaint, txt2img
+    from sdcli.images import composite, file_hash, fit, mask_tensor, to_tensor
+
+    if task == "txt2img":
+        return txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step), {}
+    extra = {"image_hash": _cached(sources, ("hash", r.image), lambda: file_hash(r.image)),
+             "steps_run": img2img_steps(r.steps, r.strength)}
+    if task == "img2img":
+        # the same tensor for every batch of the request, so the engine encodes the image once
+        image = _cached(sources, ("tensor", r.image, r.width, r.height, r.resize),
+                        lambda: to_tensor(fit(sources[r.image], r.width, r.height, r.resize)))
+        return img2img(engine, image, r.prompt, r.negative_prompt, s, r.strength, seeds, step), extra
+    source, source_mask = _inpaint_inputs(r, sources)
+    original = fit(source, r.width, r.height, r.resize)
+    mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), r.mask_blur)
+    generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
+    extra["mask_hash"] = _cached(sources, ("hash", r.mask), lambda: file_hash(r.mask)) if r.mask else None
+    return composite(original, generated, mask), extra  # outside the mask: the original pixels
 
 
 def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
            console: Progress) -> None:
     """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
-    from sdcli.engine import Sampling, img2img, img2img_steps, inpaint, txt2img
-    from sdcli.images import composite, file_hash, fit, mask_tensor, to_tensor
+    from sdcli.engine import Sampling, img2img_steps
 
     written = 0
     with console.batch(len(jobs)) as bar:
@@ -207,29 +231,8 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{len(jobs)}"
                 start = time.perf_counter()
                 s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
-                seeds = [j.request.seed for j in group]
-                extra = {}
-                if task == "img2img":
-                    steps = img2img_steps(r.steps, r.strength)
-                    with bar.image(label, steps) as step:
-                        image = to_tensor(fit(sources[r.image], r.width, r.height, r.resize))
-                        images = img2img(engine, image, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
-                    extra = {"image_hash": file_hash(r.image), "steps_run": steps}
-                elif task == "inpaint":
-                    steps = img2img_steps(r.steps, r.strength)
-                    with bar.image(label, steps) as step:
-                        source, source_mask = _inpaint_inputs(r, sources)
-                        original = fit(source, r.width, r.height, r.resize)
-                        invert = r.invert_mask and r.extend is None  # _inpaint_inputs inverted it already
-                        mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), invert, r.mask_blur)
-                        generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s,
-                                            r.strength, seeds, step)
-                        images = composite(original, generated, mask)  # outside the mask: the original pixels
-                    extra = {"image_hash": file_hash(r.image), "steps_run": steps,
-                             "mask_hash": file_hash(r.mask) if r.mask else None}
-                else:
-                    with bar.image(label, r.steps) as step:
-                        images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)
+                with bar.image(label, r.steps if task == "txt2img" else img2img_steps(r.steps, r.strength)) as step:
+                    images, extra = _render_group(task, engine, r, s, [j.request.seed for j in group], sources, step)
                 seconds = (time.perf_counter() - start) / len(group)
                 for job, pixels in zip(group, images, strict=True):
                     record = {**{k: getattr(job.request, k) for k in _RERENDER_KEYS[task]}, **common, **extra,

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +74,7 @@ class Checkpoint:
     prediction_source: str
     tokenizer_dir: Path | None = None
     vae_path: Path | None = None
+    checked: bool = field(default=False, repr=False)  # the strict comparison passed (inspect, then load)
 
     def meta_model(self):
         """The model the config describes, on the meta device (no memory)."""
@@ -86,12 +87,15 @@ class Checkpoint:
             raise ModelLoadError(f"{self.path}: the architecture detected from it cannot be built ({e})") from None
 
     def check(self):
-        """Strictly compare every part with the model the config describes: (meta model, layouts)."""
+        """Strictly compare every part with the model the config describes (once per checkpoint):
+        (meta model, layouts)."""
         model, layouts = self.meta_model(), {}
         for name, part in self.parts.items():
             expected = model.component(name).state_dict()
             layouts[name] = part.layout(list(expected))
-            _check_tensors(part.tensors, layouts[name].to_file(expected), part.source, self.config.variant, name)
+            if not self.checked:
+                _check_tensors(part.tensors, layouts[name].to_file(expected), part.source, self.config.variant, name)
+        self.checked = True
         return model, layouts
 
     @functools.cached_property
