@@ -26,6 +26,7 @@ from sdcli.images import RESIZE_MODES, parse_extend
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
+MAX_NOISE_LEVEL = 350  # the x4 upscaler's highest trained noise level (diffusers' max_noise_level)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class Request:
     invert_mask: bool = False  # repaint the black part instead
     mask_blur: int = 4  # Gaussian blur radius (px) of the mask's edge where the result is blended back
     extend: str | None = None  # outpainting: "left=128,top=64,right=0,bottom=0" grows the canvas to repaint
+    crop_to_mask: int | None = None  # render only the mask's box grown by this many px, at -W x -H, paste it back
+    # upscale, and generate's hires fix (an upscale of the generated image)
+    scale: float | None = None  # upscale factor; None: 4 with x4 upscaler models, else 2
+    noise_level: int | None = None  # x4 upscaler: noise added to the low-res image, 0-350; None: 20
+    hires_scale: float | None = None  # generate: upscale the image this much and re-render it (A1111's hires fix)
+    hires_strength: float = 0.5  # the strength of that re-render
+    hires_steps: int | None = None  # its steps (it runs int(steps * strength) of them); None: --steps
+    tile: int = 1024  # upscales are denoised in tiles of at most this many output px a side (bounded memory)
+    tile_overlap: int = 128  # px the tiles overlap, blended across
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
@@ -138,6 +148,22 @@ def _validate(r: Request) -> None:
         bad(f"--strength must be above 0 and at most 1, not {r.strength}")
     if r.extend is not None:
         parse_extend(r.extend)
+    for name in ("scale", "hires_scale"):
+        value = getattr(r, name)
+        if value is not None and not 1 <= value <= 16:
+            bad(f"{_option(name)} must be between 1 and 16, not {value:g}" + (" (sdcli upscales; it does not shrink)"
+                                                                          if value < 1 else ""))
+    if not 0 < r.hires_strength <= 1:
+        bad(f"--hires-strength must be above 0 and at most 1, not {r.hires_strength}")
+    if r.hires_steps is not None and not 1 <= r.hires_steps <= 1000:
+        bad(f"--hires-steps must be between 1 and 1000, not {r.hires_steps}")
+    if r.noise_level is not None and not 0 <= r.noise_level <= MAX_NOISE_LEVEL:
+        bad(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, not {r.noise_level}")
+    if r.tile % 8 or not 64 <= r.tile <= 8192 or r.tile_overlap % 8 or not 0 <= r.tile_overlap <= r.tile // 2:
+        bad(f"--tile {r.tile} --tile-overlap {r.tile_overlap}: the tile must be a multiple of 8 from 64 to 8192, "
+            "the overlap a multiple of 8 up to half the tile")
+    if r.crop_to_mask is not None and not 0 <= r.crop_to_mask <= 4096:
+        bad(f"--crop-to-mask padding must be between 0 and 4096 px, not {r.crop_to_mask}")
     if not 0 <= r.mask_blur <= 256:
         bad(f"--mask-blur must be between 0 and 256 pixels, not {r.mask_blur}")
     if r.resize not in RESIZE_MODES:
@@ -283,14 +309,14 @@ def parse_prompt_line(line: str, where: str) -> dict:
     return settings
 
 
-def read_prompts(lines: Iterable[str], source: str, base: Request) -> list[Request]:
+def read_prompts(lines: Iterable[str], source: str, base: Request, need_prompt: bool = True) -> list[Request]:
     requests = []
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{source} line {n}"
         request = merge(base, parse_prompt_line(line.rstrip("\r\n").lstrip("\ufeff"), where), where)
-        if not request.prompt.strip():
+        if need_prompt and not request.prompt.strip():
             raise SdcliError(f"{where}: no prompt")
         requests.append(request)
     if not requests:
@@ -298,13 +324,13 @@ def read_prompts(lines: Iterable[str], source: str, base: Request) -> list[Reque
     return requests
 
 
-def read_prompts_file(path: str, base: Request) -> list[Request]:
+def read_prompts_file(path: str, base: Request, need_prompt: bool = True) -> list[Request]:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # Notepad starts UTF-8 files with a BOM
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e)
         raise SdcliError(f"cannot read prompts file {path}: {reason}") from None
-    return read_prompts(text.splitlines(), path, base)
+    return read_prompts(text.splitlines(), path, base, need_prompt)
 
 
 # --- jobs: one image each ------------------------------------------------------------------------------
@@ -330,8 +356,10 @@ def slug(text: str, limit: int = 48) -> str:
     return text[:limit].rstrip("-") or "image"
 
 
-TEMPLATE_FIELDS = ("seed", "prompt", "index", "steps", "sampler", "schedule", "cfg", "width", "height", "model",
-                   "date", "time", "batch_index")
+TEMPLATE_FIELDS = ("seed", "prompt", "image", "index", "steps", "sampler", "schedule", "cfg", "width", "height",
+                   "model", "date", "time", "batch_index")
+NAME = "{seed}-{prompt}.png"  # the file name in an output folder
+UPSCALE_NAME = "{image}-{width}x{height}-{seed}.png"  # upscales are named after their input
 
 
 def _expand(template: str, fields: dict) -> str:
@@ -354,25 +382,25 @@ def check_output_name(output: str) -> None:
     template = output_template(output)
     if template == "-":
         return
-    sample = dict(seed=1, prompt="p", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8, height=8,
+    sample = dict(seed=1, prompt="p", image="i", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8, height=8,
                   model="m", date="d", time="t", batch_index=0)
     if not _expand(template, sample).lower().endswith(".png"):
         raise SdcliError(f"--output {output!r}: sdcli writes PNG files (they carry the parameters); "
                          "end the name with .png, or with / for a folder")
 
 
-def output_template(output: str | None) -> str:
+def output_template(output: str | None, name: str = NAME) -> str:
     if output is None:
-        return "outputs/{seed}-{prompt}.png"
+        return f"outputs/{name}"
     if output == "-" or "{" in output:
         return output
     if output.endswith(("/", "\\")) or Path(output).is_dir():
-        return str(Path(output) / "{seed}-{prompt}.png")
+        return str(Path(output) / name)
     return output
 
 
 def plan(requests: list[Request], model_name: str, size: Callable[[Request], tuple[int, int]],
-         now: datetime.datetime | None = None) -> list[Job]:
+         now: datetime.datetime | None = None, name: str = NAME) -> list[Job]:
     """Resolve seeds, schedules, sizes (`size(request)` for what -W/-H leave open) and output paths for every
     image."""
     from sdcli.sampling import SAMPLERS  # the sampler's own schedule
@@ -384,11 +412,12 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
         base_seed = secrets.randbelow(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
         width, height = size(r)
         r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule, width=width, height=height)
-        template = output_template(r.output)
+        template = output_template(r.output, name)
         for i in range(r.n_images):
             seed = (base_seed + i) % (MAX_SEED + 1)
             resolved = dataclasses.replace(r, seed=seed)
-            fields = dict(seed=seed, prompt=slug(r.prompt), index=len(jobs) + 1, steps=r.steps, sampler=r.sampler,
+            fields = dict(seed=seed, prompt=slug(r.prompt), image=slug(Path(r.image).stem) if r.image else "",
+                          index=len(jobs) + 1, steps=r.steps, sampler=r.sampler,
                           schedule=r.schedule, cfg=f"{r.cfg_scale:g}", width=r.width, height=r.height,
                           model=model_name, date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M%S"),
                           batch_index=i)

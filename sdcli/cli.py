@@ -83,7 +83,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
          "else $SDCLI_MODEL]")]
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH", show_default=False,
-    help="A .png file, a folder, a template such as 'out/{seed}-{prompt}.png' (fields: {seed} {prompt} {index} "
+    help="A .png file, a folder, a template such as 'out/{seed}-{prompt}.png' (fields: {seed} {prompt} {image} {index} "
          "{steps} {sampler} {schedule} {cfg} {width} {height} {model} {date} {time} {batch_index}), or '-' for "
          "stdout (several images follow one another). [default: outputs/{seed}-{prompt}.png]")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing images.")]
@@ -114,6 +114,16 @@ ResizeOpt = Annotated[Optional[str], typer.Option(
     "--resize", show_default=False,
     help="When the image is not -W x -H: stretch, crop (fill and cut) or fit (fit inside, extend the edges). "
          "[default: stretch]")]
+
+
+TileOpt = Annotated[Optional[int], typer.Option(
+    "--tile", metavar="PX", show_default=False,
+    help="Upscales are denoised in overlapping tiles of at most this many output pixels a side, so memory "
+         "stays bounded at any size; multiple of 8. [default: 1024]")]
+TileOverlapOpt = Annotated[Optional[int], typer.Option(
+    "--tile-overlap", metavar="PX", show_default=False,
+    help="Pixels that neighbouring tiles share; their predictions are blended across them at every step. "
+         "[default: 128]")]
 
 
 def _render_options(
@@ -158,35 +168,54 @@ _FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "s
               "n_images", "batch_size", "clip_skip", "output")
 
 
-def render_command(fn):
-    """Give a command generate's options after its own (fn(options, **own)), so they are defined once."""
+def render_command(fn=None, *, without: tuple[str, ...] = ()):
+    """Give a command generate's options after its own (fn(options, **own)), so they are defined once. A
+    command may declare its own `prompt` (upscale's is an option) in place of the shared argument, and leave
+    out shared options that make no sense for it (`without`; they reach it as None)."""
+    if fn is None:
+        return functools.partial(render_command, without=without)
     own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
-    params = [_RENDER_PARAMS["prompt"], *own, *(p for name, p in _RENDER_PARAMS.items() if name != "prompt")]
+    first = [] if any(p.name == "prompt" for p in own) else [_RENDER_PARAMS["prompt"]]
+    params = [*first, *own, *(p for name, p in _RENDER_PARAMS.items() if name not in ("prompt", *without))]
 
     @functools.wraps(fn)
     def command(**kwargs):
-        return fn({name: kwargs.pop(name) for name in _RENDER_PARAMS}, **kwargs)
+        return fn({name: kwargs.pop(name, None) for name in _RENDER_PARAMS}, **kwargs)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
 
 
-def _render(task: str, o: dict, **task_flags) -> None:
+def _render(task: str, o: dict, images: list[str] | None = None, **task_flags) -> None:
     from sdcli.render import RunFlags, generate as run
 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
     settings = dict(model=o["model"], vae=o["vae"], prediction=o["prediction"].value if o["prediction"] else None,
                     device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None)
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
-        RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]))
+        RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]), images)
 
 
 @app.command()
 @render_command
-def generate(options: dict):
+def generate(
+    options: dict,
+    hires_scale: Annotated[Optional[float], typer.Option(
+        "--hires-scale", show_default=False,
+        help="Hires fix (A1111's): upscale each image by this much (Lanczos) and re-render it with a tiled "
+             "img2img pass, as sdcli upscale does.")] = None,
+    hires_strength: Annotated[Optional[float], typer.Option(
+        "--hires-strength", show_default=False, help="Strength of that re-render. [default: 0.5]")] = None,
+    hires_steps: Annotated[Optional[int], typer.Option(
+        "--hires-steps", show_default=False,
+        help="Steps of its schedule; it runs int(steps * strength) of them. [default: --steps]")] = None,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = None,
+):
     """Text to image. The model is loaded once for a whole batch of prompts."""
-    _render("txt2img", options)
+    _render("txt2img", options, hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
+            tile=tile, tile_overlap=tile_overlap)
 
 
 @app.command()
@@ -216,6 +245,10 @@ def inpaint(
         help="Blur radius of the mask's edge where the result is blended back. [default: 4]")] = None,
     strength: StrengthOpt = None,
     resize: ResizeOpt = None,
+    crop_to_mask: Annotated[Optional[int], typer.Option(
+        "--crop-to-mask", metavar="[PADDING]", show_default=False,
+        help="Render only the mask's box, grown by PADDING px (default 32), at -W x -H (default: the model's "
+             "native size), and paste it back: more detail for small masks (A1111's 'only masked').")] = None,
     extend: Annotated[Optional[str], typer.Option(
         "--extend", metavar="SIDES", show_default=False,
         help="Outpaint: grow the canvas by 'left=128,top=64,right=0,bottom=0' pixels (multiples of 8) and paint "
@@ -224,7 +257,36 @@ def inpaint(
     """Repaint the masked part of an image. 9-channel inpainting models see the mask; with ordinary models
     the rest is held to the original at every step. Pixels outside the (blurred) mask stay unchanged."""
     _render("inpaint", options, image=image, mask=mask, invert_mask=invert_mask, mask_blur=mask_blur,
-            strength=strength, resize=resize, extend=extend)
+            strength=strength, resize=resize, extend=extend, crop_to_mask=crop_to_mask)
+
+
+@app.command()
+@render_command(without=("width", "height"))  # the size is the input's times --scale
+def upscale(
+    options: dict,
+    images: Annotated[Optional[list[str]], typer.Argument(
+        help="Images to upscale (PNG, JPEG, WebP...).", show_default=False, metavar="IMAGE")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", show_default=False, help="What the image shows; guides the new detail.")] = None,
+    scale: Annotated[Optional[float], typer.Option(
+        "--scale", show_default=False,
+        help="Upscale factor, at least 1. [default: 4 with x4 upscaler models (other factors are Lanczos-resized "
+             "from their x4), else 2]")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", show_default=False,
+        help="Ordinary models: how much the img2img pass over the Lanczos upscale may change, in (0, 1]. "
+             "[default: 0.3]")] = None,
+    noise_level: Annotated[Optional[int], typer.Option(
+        "--noise-level", show_default=False,
+        help="x4 upscaler models: noise added to the input before it conditions the model, 0-350; higher "
+             "invents more detail and keeps less of the input's. [default: 20]")] = None,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = None,
+):
+    """Upscale images. x4 upscaler models (stable-diffusion-x4-upscaler) denoise at 4x, conditioned on the input;
+    any other model upscales with Lanczos and re-renders at low strength. Both work in tiles (bounded memory)."""
+    _render("upscale", options, images=images, scale=scale, strength=strength, noise_level=noise_level, tile=tile,
+            tile_overlap=tile_overlap)
 
 
 @app.command()
@@ -291,12 +353,25 @@ def convert(
     print(f"wrote {n} tensors to {dst}", file=sys.stderr)
 
 
+OPTIONAL_VALUES = {"--crop-to-mask": "32"}  # options whose value may be left out (typer has no such options)
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """Give an option of OPTIONAL_VALUES its default value where no number follows it."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and not (i + 1 < len(args) and args[i + 1].isdigit()):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     """Console entry point: every mistake of the user's is one line on stderr and exit code 2."""
     from sdcli.runtime import keep_freed_memory
 
     keep_freed_memory()  # before any model runs: see sdcli.runtime
-    args = sys.argv[1:] or ["--help"]  # a bare `sdcli` shows the help
+    args = _optional_values(sys.argv[1:]) or ["--help"]  # a bare `sdcli` shows the help
     try:
         code = app(args, prog_name="sdcli", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):

@@ -126,6 +126,10 @@ class ModelConfig:
     prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
     latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    # x4 upscaler: the schedule that noises the low-res image it is conditioned on ("noise augmentation"),
+    # and the highest noise level (timestep of that schedule) it was trained with
+    low_res_schedule: NoiseSchedule | None = None
+    max_noise_level: int = 350
 
     def __post_init__(self):
         if self.family not in ("sd1", "sd2") or self.prediction not in ("eps", "v"):
@@ -167,5 +171,6 @@ ARCHITECTURES: dict[str, ModelConfig] = {
         vae=VAEConfig(ch_mult=(1, 2, 4)),
         text=SD2_TEXT, family="sd2", prediction="v", latent_scale=0.08333,
         schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02),  # LDM's "linear" (sqrt-spaced betas)
+        low_res_schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02),
     ),
 }

@@ -15,7 +15,8 @@ from sdcli import tiling
 from sdcli.errors import SdcliError
 from sdcli.prompting import encode_prompts
 from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
-from sdcli.sampling.denoisers import KnownRegion
+from sdcli.sampling.denoisers import KnownRegion, TiledDenoiser
+from sdcli.sampling.schedules import alphas_cumprod
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,16 @@ class Engine:
         with torch.inference_mode(), self.autocast():
             return sampler.fn(model or self.denoiser, x, sigmas, extra, callback, noise).float()
 
+    def tiled(self, tile: tuple[int, int] | None):
+        """The guided denoiser run in tiles of (size, overlap) image pixels, or None (untiled) for None."""
+        if tile is None:
+            return None
+        f = self.cfg.vae.downsample_factor
+        return TiledDenoiser(self.denoiser, tile[0] // f, tile[1] // f)
+
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """An image [1, 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one posterior sample per
-        generator (drawn before that image's noise, as diffusers draws them)."""
+        """Images [1 or len(generators), 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one
+        posterior sample per generator (drawn before that image's noise, as diffusers draws them)."""
         if self._posterior[0] is image:  # the same input tensor as the last batch's
             posterior = self._posterior[1]
         else:
@@ -177,8 +185,10 @@ def _start(engine: Engine, s: Sampling, sigmas: torch.Tensor, noise: torch.Tenso
 
 
 def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: str, s: Sampling, strength: float,
-            seeds: list[int], callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Image [1, 3, H, W] in [-1, 1] to images: one per seed -> uint8 [len(seeds), H, W, 3]."""
+            seeds: list[int], callback: Callable[[int], None] | None = None,
+            tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image [1, 3, H, W] in [-1, 1] (or one per seed) to images: one per seed -> uint8 [len(seeds), H, W, 3].
+    `tile`: denoise in tiles of (size, overlap) pixels (see TiledDenoiser)."""
     # 1. encode the prompt
     cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
     # 2. prepare latents: the image's latents noised to the level the strength starts at
@@ -187,7 +197,7 @@ def img2img(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: s
     x0 = engine.encode_image(image, generators)
     x = _start(engine, s, sigmas, engine.noise(generators, tuple(x0.shape[1:])), x0)
     # 3. denoise
-    latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback)
+    latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback, model=engine.tiled(tile))
     # 4. decode
     return engine.decode(latents, float(sigmas[-1]))
 
@@ -219,5 +229,27 @@ def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str
     else:
         model = KnownRegion(engine.denoiser, x0, latent_mask)
         latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback, model=model)
+    # 4. decode
+    return engine.decode(latents, float(sigmas[-1]))
+
+
+def upscale_x4(engine: Engine, image: torch.Tensor, prompt: str, negative_prompt: str, s: Sampling, noise_level: int,
+               seeds: list[int], callback: Callable[[int], None] | None = None,
+               tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """x4 upscaler: low-res image [1, 3, h, w] in [-1, 1] -> uint8 [len(seeds), 4h, 4w, 3]. The UNet denoises
+    latents of the low-res image's size and sees that image, noised to `noise_level`, beside them."""
+    # 1. encode the prompt
+    cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
+    # 2. prepare latents; each generator draws the low-res image's noise, then the latents' (diffusers' order)
+    sigmas = engine.sigmas(s)
+    generators = engine.generators(seeds)
+    ac = float(alphas_cumprod(engine.cfg.low_res_schedule)[noise_level])
+    low_res = image.to(engine.device) * ac**0.5 + engine.noise(generators, tuple(image.shape[1:])) * (1 - ac) ** 0.5
+    shape = (engine.cfg.unet.out_channels, *image.shape[-2:])  # latents: the low-res image's size
+    x = _start(engine, s, sigmas, engine.noise(generators, shape), None)
+    # 3. denoise: the noised low-res image [B, 3, h, w] is appended to the UNet input, its level is the class label
+    labels = torch.full((len(seeds),), noise_level, dtype=torch.long, device=engine.device)
+    latents = engine.denoise(x, sigmas, s, cond, uncond, generators, callback, model=engine.tiled(tile),
+                             concat=low_res, class_labels=labels)
     # 4. decode
     return engine.decode(latents, float(sigmas[-1]))

@@ -50,12 +50,21 @@ def fit(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def to_tensor(image: Image.Image):
-    """RGB image -> [1, 3, H, W] float32 in [-1, 1]."""
+def to_tensor(image):
+    """RGB image, or uint8 images [B, H, W, 3] -> [1 or B, 3, H, W] float32 in [-1, 1]."""
     import torch
 
-    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # [H, W, 3], a copy numpy owns
-    return (pixels / 127.5 - 1).permute(2, 0, 1)[None].contiguous()
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # [(B,) H, W, 3], a copy numpy owns
+    pixels = pixels if pixels.ndim == 4 else pixels[None]
+    return (pixels / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
+
+
+def lanczos(images, width: int, height: int):
+    """An RGB image, or uint8 images [B, H, W, 3] -> uint8 [1 or B, height, width, 3], Lanczos-resized."""
+    import torch
+
+    batch = [images] if isinstance(images, Image.Image) else [Image.fromarray(i) for i in np.asarray(images)]
+    return torch.from_numpy(np.stack([np.asarray(i.resize((width, height), Image.LANCZOS)) for i in batch]))
 
 
 def file_hash(path: str | Path) -> str:
@@ -86,6 +95,32 @@ def composite(original: Image.Image, generated, mask):
     base = torch.from_numpy(np.array(original, dtype=np.float32))  # [H, W, 3]
     weight = mask[0, 0, :, :, None]  # [H, W, 1]
     return torch.lerp(base, generated.float(), weight).round().to(torch.uint8)
+
+
+def mask_box(mask: Image.Image, padding: int, aspect: float | None = None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) around the mask's repaint part (white from 50%), grown by `padding` px and
+    then, as far as the image allows, to the width/height ratio `aspect` (A1111's "only masked" region)."""
+    rows, cols = np.nonzero(np.asarray(mask.convert("L")) >= 128)
+    width, height = mask.size
+    box = [max(0, cols.min() - padding), max(0, rows.min() - padding),
+           min(width, cols.max() + 1 + padding), min(height, rows.max() + 1 + padding)]
+    if aspect:
+        w, h = box[2] - box[0], box[3] - box[1]
+        axis, want, limit = (0, round(h * aspect), width) if w / h < aspect else (1, round(w / aspect), height)
+        grow = min(want, limit) - (box[axis + 2] - box[axis])  # around the middle, shifted back inside
+        start = min(max(0, box[axis] - grow // 2), limit - (box[axis + 2] - box[axis] + grow))
+        box[axis], box[axis + 2] = start, start + box[axis + 2] - box[axis] + grow
+    return tuple(int(v) for v in box)
+
+
+def paste(base: Image.Image, images, box: tuple[int, int, int, int]):
+    """uint8 images [B, h, w, 3] resized into `box` of copies of `base` -> uint8 [B, H, W, 3]."""
+    import torch
+
+    size = (box[2] - box[0], box[3] - box[1])
+    canvas = np.repeat(np.asarray(base)[None], len(images), axis=0)
+    canvas[:, box[1]:box[3], box[0]:box[2]] = lanczos(images, *size).numpy()
+    return torch.from_numpy(canvas)
 
 
 SIDES = ("left", "top", "right", "bottom")

@@ -87,6 +87,9 @@ def _number(value: float) -> str:
 
 def to_parameters(record: dict) -> str:
     """The A1111 infotext for an image record (the "parameters" PNG chunk)."""
+    hires, crop = record.get("hires_scale"), record.get("crop_to_mask")
+    strength = record.get("hires_strength") if hires else record.get("strength")  # A1111: the hires pass's
+    tiled = bool(hires or record.get("scale"))
     pairs = {
         "Steps": record["steps"],
         "Sampler": SAMPLER_LABELS.get(record["sampler"], record["sampler"]),
@@ -98,10 +101,19 @@ def to_parameters(record: dict) -> str:
         "Model": record.get("model") or None,
         "VAE": record.get("vae"),
         "Clip skip": record["clip_skip"] if record.get("clip_skip", 1) > 1 else None,
-        "Denoising strength": _number(record["strength"]) if record.get("strength") is not None else None,
+        "Denoising strength": _number(strength) if strength is not None else None,
         "Mask blur": record.get("mask_blur") if record.get("mask") else None,
-        # Not an A1111 key, but a v-prediction image can't be re-rendered as eps; A1111 keeps
-        # such extra keys after its own and before Version.
+        "Inpaint area": "Only masked" if crop is not None else None,
+        "Masked area padding": crop,
+        "Hires upscale": _number(hires) if hires else None,
+        "Hires steps": record.get("hires_steps") if hires else None,
+        "Hires upscaler": "Lanczos" if hires else None,
+        # sdcli's own keys (A1111 keeps unknown keys after its own and before Version): the upscale settings,
+        # and the prediction type (a v-prediction image can't be re-rendered as eps)
+        "Upscale": _number(record["scale"]) if record.get("scale") else None,
+        "Noise level": record.get("noise_level"),
+        "Tile size": record.get("tile") if tiled else None,
+        "Tile overlap": record.get("tile_overlap") if tiled else None,
         "Prediction": "v" if record.get("prediction") == "v" else None,
         "Version": record.get("version"),
     }
@@ -129,7 +141,10 @@ def sampler_from_label(label: str) -> dict | None:
 
 # A1111 label -> (record field, type) of the numeric settings
 _NUMBERS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-            "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", int)}
+            "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", int),
+            "Masked area padding": ("crop_to_mask", int), "Hires upscale": ("hires_scale", float),
+            "Hires steps": ("hires_steps", int), "Upscale": ("scale", float), "Noise level": ("noise_level", int),
+            "Tile size": ("tile", int), "Tile overlap": ("tile_overlap", int)}
 
 
 def _parse_setting(key: str, value: str) -> dict | None:
@@ -148,6 +163,11 @@ def _parse_setting(key: str, value: str) -> dict | None:
     if key == "Schedule type":
         schedule = _SCHEDULE_NAMES.get(value.strip().lower())
         return {"schedule": schedule} if schedule else None
+    if key == "Hires upscaler":  # ours is Lanczos; another one is not reproduced (so it stays in "extra")
+        return {} if value.strip().lower() == "lanczos" else None
+    if key == "Inpaint area":
+        return {"inpaint_area": value.strip().lower()} if value.strip().lower() in ("only masked",
+                                                                                   "whole picture") else None
     if key == "Prediction":
         return {"prediction": value} if value in ("eps", "v") else None
     text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "Version": "version"}
@@ -189,6 +209,15 @@ def from_parameters(text: str) -> dict:
             extra[key] = value
         else:
             record.update(fields)
+    # A1111's txt2img "Denoising strength" is the hires pass's; "Hires steps: 0" means as many as the first
+    if "hires_scale" in record:
+        record["hires_strength"] = record.pop("strength", 0.7)  # A1111's default
+        if not record.get("hires_steps"):
+            record.pop("hires_steps", None)
+    if record.pop("inpaint_area", "whole picture") == "only masked":
+        record.setdefault("crop_to_mask", 32)  # A1111's default padding
+    else:
+        record.pop("crop_to_mask", None)
     if extra:
         record["extra"] = extra
     return record

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from sdcli import __version__
 from sdcli.batch import (
-    REQUEST_KEYS, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset, merge, plan,
-    read_prompts, read_prompts_file,
+    NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset,
+    merge, plan, read_prompts, read_prompts_file,
 )
 from sdcli.errors import SdcliError
 from sdcli.progress import Progress
@@ -27,18 +27,29 @@ class RunFlags:
     quiet: bool = False  # no progress bars or messages
 
 
-# what a stored image record can set again (the rest is per-run or per-batch), per task
-_IMAGE_KEYS = ("image", "strength", "resize")
-_MASK_KEYS = ("mask", "invert_mask", "mask_blur", "extend")
-_RERENDER_KEYS = {
-    task: tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", *excluded))
-    for task, excluded in {"txt2img": _IMAGE_KEYS + _MASK_KEYS, "img2img": _MASK_KEYS, "inpaint": ()}.items()
+# Request keys that only some commands take (every rendering command takes the others), per task
+TASK_KEYS = {
+    "txt2img": ("width", "height", "hires_scale", "hires_strength", "hires_steps", "tile", "tile_overlap"),
+    "img2img": ("width", "height", "image", "strength", "resize"),
+    "inpaint": ("width", "height", "image", "strength", "resize", "mask", "invert_mask", "mask_blur", "extend",
+                "crop_to_mask"),
+    "upscale": ("image", "strength", "scale", "noise_level", "tile", "tile_overlap"),
 }
-DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}  # diffusers' defaults
+COMMANDS = {"txt2img": "generate", "img2img": "img2img", "inpaint": "inpaint", "upscale": "upscale"}
+_SPECIFIC = {k for keys in TASK_KEYS.values() for k in keys}
+# what a stored image record can set again (the rest is per-run or per-batch), per task
+_RERENDER_KEYS = {
+    task: tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size")
+                and (k not in _SPECIFIC or k in keys))
+    for task, keys in TASK_KEYS.items()
+}
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0, "upscale": 0.3}  # diffusers' for img2img and inpaint
+DEFAULT_NOISE_LEVEL = 20  # diffusers' for the x4 upscaler
+MAX_SIZE = 8192  # px a side
 
 
 def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
-           from_image: str | None) -> tuple[list[Request], dict, dict | None]:
+           from_image: str | None, images: list[str] | None = None) -> tuple[list[Request], dict, dict | None]:
     """-> (requests, run settings, the --from-image record) by precedence: defaults < --from-image < --preset
     < flags < a prompts-file line; for the model: -m < preset < the image's model < SDCLI_MODEL."""
     base, run_settings, record = Request(), {}, None
@@ -59,29 +70,30 @@ def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | 
     if not run_settings.get("model") and os.environ.get("SDCLI_MODEL"):
         run_settings["model"] = os.environ["SDCLI_MODEL"]
 
-    if from_file and prompt is not None:
-        raise SdcliError("give either a PROMPT or --from-file, not both")
+    if from_file and (prompt is not None or images):
+        raise SdcliError(f"give either {'IMAGE arguments' if images else 'a PROMPT'} or --from-file, not both")
+    need_prompt = task != "upscale"  # upscales take an optional --prompt
     if from_file:
-        return read_prompts_file(from_file, base), run_settings, record
+        return read_prompts_file(from_file, base, need_prompt), run_settings, record
     if prompt == "-":
-        return read_prompts(sys.stdin, "stdin", base), run_settings, record
+        return read_prompts(sys.stdin, "stdin", base, need_prompt), run_settings, record
+    if images:
+        return [dataclasses.replace(base, image=i, prompt=prompt or base.prompt) for i in images], run_settings, record
     if prompt is not None:
         return [dataclasses.replace(base, prompt=prompt)], run_settings, record
-    if from_image:
+    if from_image or not need_prompt:
         return [base], run_settings, record
     raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image PNG")
 
 
 def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
-             from_image: str | None, opts: RunFlags) -> None:
-    """`task`: txt2img or img2img. Everything that can be wrong with the input is found before the model
-    loads or a file is written."""
-    from sdcli.engine import Engine, img2img_steps, pick_device, pick_precision
+             from_image: str | None, opts: RunFlags, images: list[str] | None = None) -> None:
+    """`task`: txt2img, img2img, inpaint or upscale (`images`: its input files). Everything that can be wrong
+    with the input is found before the model loads or a file is written."""
+    from sdcli.engine import Engine, pick_device, pick_precision
     from sdcli.loading import inspect_model
 
-    requests, settings, record = gather(task, prompt, flags, run, preset, from_file, from_image)
-    if task in DEFAULT_STRENGTH:
-        requests = [dataclasses.replace(r, strength=r.strength or DEFAULT_STRENGTH[task]) for r in requests]
+    requests, settings, record = gather(task, prompt, flags, run, preset, from_file, from_image, images)
     sources = _check_images(task, requests)
     model_path = settings.get("model")
     if not model_path:
@@ -92,28 +104,38 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     precision = pick_precision(settings.get("precision") or "auto", device)
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
-    if cfg.task != "txt2img" and not (task == "inpaint" and cfg.task == "inpainting"):
-        wanted = "a text-to-image or an inpainting" if task == "inpaint" else "a text-to-image"
-        raise SdcliError(f"{model_path} is a {cfg.variant} model; {task} needs {wanted} model")
-    for r in requests:
-        if task != "txt2img" and img2img_steps(r.steps, r.strength) < 1:
-            raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
-                             "--steps")
-        if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
-            raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
-                             f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
+    usable = {"txt2img": ("txt2img",), "img2img": ("txt2img",), "inpaint": ("txt2img", "inpainting"),
+              "upscale": ("txt2img", "upscale-x4")}[task]
+    if cfg.task not in usable:
+        wanted = " or ".join({"txt2img": "a text-to-image", "inpainting": "an inpainting",
+                              "upscale-x4": "an x4 upscaler"}[t] for t in usable)
+        raise SdcliError(f"{model_path} is a {cfg.variant} model; {COMMANDS[task]} needs {wanted} model")
+    requests = [_resolve(task, r, cfg) for r in requests]
 
     model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
     native = default_size(cfg.family, cfg.prediction)
 
     def size(r: Request) -> tuple[int, int]:
-        if r.image is None:
-            return r.width or native, r.height or native
-        image = _inpaint_inputs(r, sources)[0] if r.extend else sources[r.image]
-        w, h = image.size  # the input's size (grown by --extend), down to multiples of 8
-        return r.width or max(8, w // 8 * 8), r.height or max(8, h // 8 * 8)
+        """The size the model renders at (the output's, but for --crop-to-mask and the hires fix)."""
+        if task == "txt2img":
+            w, h = r.width or native, r.height or native
+            if r.hires_scale:
+                _scaled(w, h, r.hires_scale)  # the size limit, checked before the first image
+            return w, h
+        if task == "upscale":
+            w, h = sources[r.image].size
+            return _scaled(w, h, r.scale, multiple=1 if cfg.task == "upscale-x4" else 8)
+        image, mask = _inpaint_inputs(r, sources) if task == "inpaint" else (sources[r.image], None)
+        if r.crop_to_mask is not None and not (r.width and r.height):
+            from sdcli.images import mask_box
 
-    jobs = plan(requests, model_name, size)
+            left, top, right, bottom = mask_box(mask, r.crop_to_mask)  # rendered with its longer side native
+            w, h = _scaled(right - left, bottom - top, native / max(right - left, bottom - top))
+        else:  # the input's size (grown by --extend), down to multiples of 8
+            w, h = max(8, image.size[0] // 8 * 8), max(8, image.size[1] // 8 * 8)
+        return r.width or w, r.height or h
+
+    jobs = plan(requests, model_name, size, name=UPSCALE_NAME if task == "upscale" else NAME)
     console = Progress(quiet=opts.quiet)
     if opts.resume:
         done = done_keys(jobs)
@@ -138,23 +160,77 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     render(task, engine, jobs, sources, common, opts, console)
 
 
+def _resolve(task: str, r: Request, cfg) -> Request:
+    """The task's defaults that depend on the model, and the checks that need it."""
+    from sdcli.engine import img2img_steps
+
+    x4 = cfg.task == "upscale-x4"
+    if task == "upscale" and x4:
+        if r.strength is not None:
+            raise SdcliError("--strength is for upscaling with ordinary models: an x4 upscaler model starts from "
+                             "noise; to keep closer to the input, lower --noise-level")
+        r = dataclasses.replace(r, scale=r.scale or 4.0, noise_level=DEFAULT_NOISE_LEVEL if r.noise_level is None
+                                else r.noise_level)
+        if r.noise_level > cfg.max_noise_level:
+            raise SdcliError(f"--noise-level {r.noise_level} is above this model's highest, {cfg.max_noise_level}")
+    elif task == "upscale":
+        if r.noise_level is not None:
+            raise SdcliError("--noise-level is for x4 upscaler models; this model upscales with Lanczos and a "
+                             "low-strength img2img pass: use --strength")
+        r = dataclasses.replace(r, scale=r.scale or 2.0)
+    if task in DEFAULT_STRENGTH and not x4:
+        r = dataclasses.replace(r, strength=r.strength or DEFAULT_STRENGTH[task])
+        if img2img_steps(r.steps, r.strength) < 1:
+            raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
+                             "--steps")
+    if task == "txt2img" and r.hires_scale and img2img_steps(r.hires_steps or r.steps, r.hires_strength) < 1:
+        raise SdcliError(f"--hires-strength {r.hires_strength:g} of {r.hires_steps or r.steps} steps runs no step: "
+                         "raise --hires-strength or --hires-steps")
+    if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
+        raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
+                         f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
+    return r
+
+
+def _scaled(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    """width x height times `scale`, rounded to multiples of `multiple`, or an error above MAX_SIZE."""
+    w, h = (max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))
+    if max(w, h) > MAX_SIZE:
+        raise SdcliError(f"{width}x{height} scaled by {scale:g} is {w}x{h}, over {MAX_SIZE} px a side: "
+                         "lower the scale")
+    return w, h
+
+
+def steps_run(task: str, r: Request, cfg) -> int:
+    """UNet steps one image takes (the progress bar's length, recorded with the image)."""
+    from sdcli.engine import img2img_steps
+
+    if task == "txt2img":
+        return r.steps + (img2img_steps(r.hires_steps or r.steps, r.hires_strength) if r.hires_scale else 0)
+    if task == "upscale" and cfg.task == "upscale-x4":
+        return r.steps
+    return img2img_steps(r.steps, r.strength)
+
+
 def _check_images(task: str, requests: list[Request]) -> dict:
     """-> {path: PIL image} of every input image and mask, read now so that a bad file stops the run before it
     starts."""
     from sdcli.images import load_image, mask_tensor
 
+    defaults = Request()
     sources = {}
     for r in requests:
-        if task == "txt2img" and r.image is not None:
-            raise SdcliError("--image is for img2img and inpaint: run 'sdcli img2img PROMPT --image IN.png'")
+        for key in _SPECIFIC.difference(TASK_KEYS[task]):
+            if getattr(r, key) != getattr(defaults, key):
+                takers = " and ".join(COMMANDS[t] for t, keys in TASK_KEYS.items() if key in keys)
+                raise SdcliError(f"--{key.replace('_', '-')} is for {takers}, not {COMMANDS[task]}"
+                                 + (" (upscale takes --scale)" if key in ("width", "height") else ""))
         if task != "txt2img" and r.image is None:
-            raise SdcliError(f"{task} needs an input image: --image IN.png (or --image on each prompts-file line)")
-        if task != "inpaint" and r.mask is not None:
-            raise SdcliError("--mask is for inpaint: run 'sdcli inpaint PROMPT --image IN.png --mask MASK.png'")
+            raise SdcliError(f"{task} needs an input image: "
+                             + ("sdcli upscale IN.png" if task == "upscale" else "--image IN.png")
+                             + " (or --image on each prompts-file line)")
         if task == "inpaint" and r.mask is None and r.extend is None:
             raise SdcliError("inpaint needs a mask: --mask MASK.png (white = repaint), or --extend to outpaint")
-        if task != "inpaint" and r.extend is not None:
-            raise SdcliError("--extend is for inpaint: run 'sdcli inpaint PROMPT --image IN.png --extend left=128'")
         for path in (r.image, r.mask):
             if path is not None and path not in sources:
                 sources[path] = load_image(path)
@@ -168,8 +244,8 @@ def _check_images(task: str, requests: list[Request]) -> dict:
                 raise SdcliError(f"mask {r.mask} has nothing to repaint{' once inverted' if r.invert_mask else ''}: "
                                  "white (or light grey) marks what to repaint")
             if repaint.all():
-                print(f"note: mask {r.mask} covers the whole image: this is img2img at strength {r.strength:g}",
-                      file=sys.stderr)
+                print(f"note: mask {r.mask} covers the whole image: this is img2img at strength "
+                      f"{r.strength or DEFAULT_STRENGTH[task]:g}", file=sys.stderr)
     return sources
 
 
@@ -198,30 +274,60 @@ def _cached(sources: dict, key: tuple, make):
 
 def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: dict, step):
     """One batch of one request -> (uint8 images [B, H, W, 3], the task's own record fields)."""
-    from sdcli.engine import img2img, img2img_steps, inpaint, txt2img
-    from sdcli.images import composite, file_hash, fit, mask_tensor, to_tensor
+    from sdcli.engine import img2img, inpaint, txt2img, upscale_x4
+    from sdcli.images import composite, file_hash, fit, lanczos, mask_box, mask_tensor, paste, to_tensor
 
+    extra = {"steps_run": steps_run(task, r, engine.cfg)}
     if task == "txt2img":
-        return txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step), {}
-    extra = {"image_hash": _cached(sources, ("hash", r.image), lambda: file_hash(r.image)),
-             "steps_run": img2img_steps(r.steps, r.strength)}
+        images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)
+        if r.hires_scale:  # the hires fix: upscale's path (Lanczos, then tiled img2img) on the same seeds
+            big = to_tensor(lanczos(images, *_scaled(r.width, r.height, r.hires_scale)))
+            hires = dataclasses.replace(s, steps=r.hires_steps or r.steps)
+            images = img2img(engine, big, r.prompt, r.negative_prompt, hires, r.hires_strength, seeds, step,
+                             (r.tile, r.tile_overlap))
+        return images, extra
+    extra["image_hash"] = _cached(sources, ("hash", r.image), lambda: file_hash(r.image))
+    source = sources[r.image]
+    if task == "upscale":
+        extra.update(width=r.width, height=r.height)  # the output's size
+        if engine.cfg.task != "upscale-x4":  # Lanczos, then a tiled img2img pass at low strength
+            big = _cached(sources, ("tensor", r.image, r.width, r.height),
+                          lambda: to_tensor(lanczos(source, r.width, r.height)))
+            return img2img(engine, big, r.prompt, r.negative_prompt, s, r.strength, seeds, step,
+                           (r.tile, r.tile_overlap)), extra
+        image = _cached(sources, ("tensor", r.image), lambda: to_tensor(source))
+        images = upscale_x4(engine, image, r.prompt, r.negative_prompt, s, r.noise_level, seeds, step,
+                            (r.tile, r.tile_overlap))
+        if images.shape[1:3] != (r.height, r.width):  # --scale other than 4: Lanczos from the model's x4
+            images = lanczos(images, r.width, r.height)
+        return images, extra
     if task == "img2img":
         # the same tensor for every batch of the request, so the engine encodes the image once
         image = _cached(sources, ("tensor", r.image, r.width, r.height, r.resize),
-                        lambda: to_tensor(fit(sources[r.image], r.width, r.height, r.resize)))
+                        lambda: to_tensor(fit(source, r.width, r.height, r.resize)))
         return img2img(engine, image, r.prompt, r.negative_prompt, s, r.strength, seeds, step), extra
     source, source_mask = _inpaint_inputs(r, sources)
-    original = fit(source, r.width, r.height, r.resize)
-    mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), r.mask_blur)
-    generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
     extra["mask_hash"] = _cached(sources, ("hash", r.mask), lambda: file_hash(r.mask)) if r.mask else None
-    return composite(original, generated, mask), extra  # outside the mask: the original pixels
+    if r.crop_to_mask is None:
+        original = fit(source, r.width, r.height, r.resize)
+        mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), r.mask_blur)
+        generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s, r.strength, seeds,
+                            step)
+        return composite(original, generated, mask), extra  # outside the mask: the original pixels
+    # only the mask's box is rendered (at -W x -H, so small masks get the model's full resolution), then pasted
+    # back into the full-size input
+    box = mask_box(source_mask, r.crop_to_mask, r.width / r.height)
+    crop, crop_mask = (fit(i.crop(box), r.width, r.height, "stretch") for i in (source, source_mask))
+    generated = inpaint(engine, to_tensor(crop), mask_tensor(crop_mask, r.mask_blur), r.prompt, r.negative_prompt,
+                        s, r.strength, seeds, step)
+    extra["crop_box"] = list(box)
+    return composite(source, paste(source, generated, box), mask_tensor(source_mask, r.mask_blur)), extra
 
 
 def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
            console: Progress) -> None:
     """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
-    from sdcli.engine import Sampling, img2img_steps
+    from sdcli.engine import Sampling
 
     written = 0
     with console.batch(len(jobs)) as bar:
@@ -231,7 +337,7 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{len(jobs)}"
                 start = time.perf_counter()
                 s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
-                with bar.image(label, r.steps if task == "txt2img" else img2img_steps(r.steps, r.strength)) as step:
+                with bar.image(label, steps_run(task, r, engine.cfg)) as step:
                     images, extra = _render_group(task, engine, r, s, [j.request.seed for j in group], sources, step)
                 seconds = (time.perf_counter() - start) / len(group)
                 for job, pixels in zip(group, images, strict=True):

@@ -62,8 +62,8 @@ def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile: int = 64, overlap: i
     f = vae.cfg.downsample_factor
     b, _, h, w = z.shape
     out = None
-    cols = _tiles(w, tile, overlap, f)
-    for y0, y1, wy in _tiles(h, tile, overlap, f):
+    cols = tiles(w, tile, overlap, f)
+    for y0, y1, wy in tiles(h, tile, overlap, f):
         for x0, x1, wx in cols:
             part = vae.decode(z[:, :, y0:y1, x0:x1])  # [B, 3, (y1-y0)*f, (x1-x0)*f]
             if out is None:  # allocated from the first tile, so it takes the decoder's channels and dtype
@@ -89,8 +89,8 @@ def encode_tiled(vae: AutoencoderKL, x: torch.Tensor, tile: int = 512, overlap: 
     h, w = height // f, width // f
     # tiles are laid out on the latent grid, so the weights are in latent pixels
     mean = logvar = None
-    cols = _tiles(w, tile // f, overlap // f, 1)
-    for y0, y1, wy in _tiles(h, tile // f, overlap // f, 1):
+    cols = tiles(w, tile // f, overlap // f, 1)
+    for y0, y1, wy in tiles(h, tile // f, overlap // f, 1):
         for x0, x1, wx in cols:
             part = vae.encode(x[:, :, y0 * f:y1 * f, x0 * f:x1 * f])  # mean, logvar: [B, C, y1-y0, x1-x0]
             if mean is None:
@@ -118,7 +118,7 @@ def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(s, s + tile) for s in starts]
 
 
-def _tiles(size: int, tile: int, overlap: int, scale: int) -> list[tuple[int, int, torch.Tensor]]:
+def tiles(size: int, tile: int, overlap: int, scale: int) -> list[tuple[int, int, torch.Tensor]]:
     """(start, end, weights) of the tiles along one axis of `size` latent pixels (see `_spans`); the weights
     are over the tile's output extent [start*scale, end*scale): a linear ramp across each overlap with a
     neighbour (rising from the start, falling to the end), 1 elsewhere and at the image borders; normalized

@@ -305,14 +305,17 @@ def test_from_image_of_an_a1111_png_says_what_it_cannot_reproduce(model, run_cli
     info = PngInfo()
     info.add_text("parameters", "a cat in a hat\nNegative prompt: dogs\nSteps: 3, Sampler: DPM++ 2M Karras, "
                                 "CFG scale: 5, Seed: 77, Size: 64x64, Model hash: 0123456789, Model: other, "
-                                "Hires upscale: 2, Version: v1.10.1")
+                                "Denoising strength: 0.4, Hires upscale: 2, Hires upscaler: Latent, "
+                                "Version: v1.10.1")
     Image.new("RGB", (64, 64)).save("a1111.png", pnginfo=info)
     code, out, err = run_cli("generate", "--from-image", "a1111.png", "--json", "-o", "mine.png")
     assert code == 0, err
     [rec] = records(out)
     assert (rec["prompt"], rec["negative_prompt"], rec["steps"], rec["sampler"], rec["schedule"], rec["cfg_scale"],
             rec["seed"], rec["width"]) == ("a cat in a hat", "dogs", 3, "dpm++2m", "karras", 5.0, 77, 64)
-    assert "not reproduced: Hires upscale" in err
+    # the hires fix is run, but with our Lanczos upscaler rather than A1111's latent one
+    assert (rec["hires_scale"], rec["hires_strength"]) == (2.0, 0.4) and Image.open("mine.png").size == (128, 128)
+    assert "not reproduced: Hires upscaler" in err
     assert "made with model other (hash 0123456789)" in err
 
 

@@ -157,12 +157,12 @@ def test_parse_a1111_old_style_sampler_with_extras():
         "model": "v1-5-pruned-emaonly",
         "clip_skip": 2,
         "version": "v1.6.0",
-        "strength": 0.45,  # img2img's --strength (here the hires pass's)
+        "hires_scale": 2.0,
+        "hires_steps": 10,
+        "hires_strength": 0.45,  # txt2img's "Denoising strength" is the hires pass's
         "extra": {
             "ENSD": "31337",
-            "Hires upscale": "2",
-            "Hires steps": "10",
-            "Hires upscaler": "R-ESRGAN 4x+",
+            "Hires upscaler": "R-ESRGAN 4x+",  # ours is Lanczos: said to be not reproduced
             "Lora hashes": "detail: 123abc, other: 456def",
         },
     }
@@ -396,3 +396,34 @@ def test_model_hash_folder_and_missing(tmp_path, cache_home):
     assert model_hash(tmp_path) is None
     with pytest.raises(SdcliError, match="cannot hash model .*nope.safetensors"):
         model_hash(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("record, text", [
+    (dict(hires_scale=1.5, hires_strength=0.5, hires_steps=None, tile=1024, tile_overlap=128),
+     "Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Lanczos, Tile size: 1024, Tile overlap: 128"),
+    (dict(hires_scale=2.0, hires_strength=0.3, hires_steps=12, tile=512, tile_overlap=64),
+     "Denoising strength: 0.3, Hires upscale: 2, Hires steps: 12, Hires upscaler: Lanczos, Tile size: 512"),
+    (dict(image="in.png", strength=0.75, mask="m.png", mask_blur=4, crop_to_mask=32),
+     "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32"),
+    (dict(image="in.png", strength=None, scale=4.0, noise_level=20, tile=1024, tile_overlap=128),
+     "Upscale: 4, Noise level: 20, Tile size: 1024, Tile overlap: 128"),
+    (dict(image="in.png", strength=0.3, scale=2.5, tile=768, tile_overlap=64),
+     "Denoising strength: 0.3, Upscale: 2.5, Tile size: 768, Tile overlap: 64"),
+])
+def test_upscale_settings_round_trip(record, text):
+    full = dict(prompt="a", negative_prompt="", steps=20, sampler="euler", schedule="normal", cfg_scale=7.0, seed=1,
+                width=64, height=64, clip_skip=1, **record)
+    parameters = to_parameters(full)
+    assert text in parameters
+    back = from_parameters(parameters)
+    assert {k: back.get(k) for k in record if k not in ("image", "mask") and record[k] is not None} == {
+        k: v for k, v in record.items() if k not in ("image", "mask") and v is not None}
+    assert "extra" not in back
+
+
+def test_a1111_only_masked():
+    back = from_parameters("a\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: 0.6, Inpaint area: Only masked")
+    assert (back["crop_to_mask"], back["strength"]) == (32, 0.6)  # A1111's default padding
+    back = from_parameters("a\nSteps: 20, Sampler: Euler, Seed: 1, Inpaint area: Whole picture, "
+                           "Masked area padding: 32")
+    assert "crop_to_mask" not in back and "extra" not in back

@@ -284,7 +284,9 @@ def _single_file_conventions(cfg: ModelConfig) -> tuple[ModelConfig, str]:
     """What a single file cannot say: the x4 upscaler's latent scale and schedule, the prediction type."""
     if cfg.task == "upscale-x4" and cfg.vae.downsample_factor == 4:
         # LDM's "linear" betas are linspace(sqrt(start), sqrt(end)) ** 2: diffusers' "scaled_linear"
-        cfg = replace(cfg, latent_scale=0.08333, schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02))
+        # (ImageConcatWithNoiseAugmentation noises the low-res image on the same schedule, up to level 350)
+        x4 = NoiseSchedule("scaled_linear", 0.0001, 0.02)
+        cfg = replace(cfg, latent_scale=0.08333, schedule=x4, low_res_schedule=x4, max_noise_level=350)
     prediction, why = _default_prediction(cfg)
     return replace(cfg, prediction=prediction), why
 
@@ -431,6 +433,13 @@ def _diffusers_folder(path: Path) -> Checkpoint:
         latent_scale=float(scale),
         schedule=_from_config(lambda c, _: detect.schedule_from_diffusers(c), sched, configs["scheduler"]),
     )
+    if cfg.task == "upscale-x4":  # the low-res image's noise augmentation (see ModelConfig)
+        low_res = path / "low_res_scheduler" / "scheduler_config.json"
+        level = _read_json(path / "model_index.json").get("max_noise_level", 350)
+        if type(level) is not int or not 0 < level <= cfg.schedule.num_train_timesteps:
+            raise ModelLoadError(f"{path / 'model_index.json'}: max_noise_level {level!r} is not a timestep")
+        cfg = replace(cfg, max_noise_level=level, low_res_schedule=_from_config(
+            lambda c, _: detect.schedule_from_diffusers(c), _read_json(low_res) if low_res.is_file() else {}, low_res))
     if "prediction_type" in sched:
         if not isinstance(sched["prediction_type"], str) or sched["prediction_type"] not in PREDICTIONS:
             raise ModelLoadError(

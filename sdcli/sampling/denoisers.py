@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sdcli.sampling.schedules import DiscreteSigmas
+from sdcli.tiling import tiles
 
 
 class Denoiser(nn.Module):
@@ -76,3 +77,29 @@ class KnownRegion(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.lerp(self.latents, self.denoiser(x, sigma, **kwargs), self.mask)
+
+
+class TiledDenoiser(nn.Module):
+    """Denoise a large latent in overlapping tiles (MultiDiffusion): at every step each tile is denoised on
+    its own and the predictions are blended with weights that ramp across the overlaps. UNet memory is
+    bounded by the tile, and since the tiles agree on their overlaps at every step, no seams form."""
+
+    def __init__(self, denoiser: nn.Module, tile: int, overlap: int):
+        super().__init__()
+        self.denoiser, self.tile, self.overlap = denoiser, tile, overlap  # in latent pixels
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        rows, cols = tiles(h, self.tile, self.overlap, 1), tiles(w, self.tile, self.overlap, 1)
+        if len(rows) == len(cols) == 1:
+            return self.denoiser(x, sigma, **kwargs)
+        # per-pixel inputs ([B, C', h, w]: the inpainting and upscaler concat) are cut with x
+        spatial = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.ndim == 4 and v.shape[-2:] == (h, w)}
+        out = torch.zeros_like(x)
+        for y0, y1, wy in rows:
+            for x0, x1, wx in cols:
+                part = {k: v[..., y0:y1, x0:x1] if k in spatial else v for k, v in kwargs.items()}
+                denoised = self.denoiser(x[..., y0:y1, x0:x1], sigma, **part)  # [B, C, y1-y0, x1-x0]
+                weight = (wy[:, None] * wx[None, :]).to(denoised)
+                out[..., y0:y1, x0:x1].addcmul_(denoised, weight)
+        return out
