@@ -72,6 +72,7 @@ REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 # field -> int, float or str (Optional unwrapped)
 _TYPES = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
           for k, t in typing.get_type_hints(Request).items()}
+OPTIONAL_VALUES = {"crop_to_mask": "32"}  # options whose value may be left out: the value they then take
 _SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output", "-i": "image"}
 
 
@@ -161,7 +162,7 @@ def _validate(r: Request) -> None:
         bad(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, not {r.noise_level}")
     if r.tile % 8 or not 64 <= r.tile <= 8192 or r.tile_overlap % 8 or not 0 <= r.tile_overlap <= r.tile // 2:
         bad(f"--tile {r.tile} --tile-overlap {r.tile_overlap}: the tile must be a multiple of 8 from 64 to 8192, "
-            "the overlap a multiple of 8 up to half the tile")
+            "the overlap a multiple of 8 up to half the tile (--tile-overlap defaults to 128)")
     if r.crop_to_mask is not None and not 0 <= r.crop_to_mask <= 4096:
         bad(f"--crop-to-mask padding must be between 0 and 4096 px, not {r.crop_to_mask}")
     if not 0 <= r.mask_blur <= 256:
@@ -299,7 +300,10 @@ def parse_prompt_line(line: str, where: str) -> dict:
             raise SdcliError(f"{where}: {_option(key)} applies to the whole run; give it on the command line")
         if key == "prompt" and "prompt" in settings:
             raise SdcliError(f"{where}: the line has a prompt and --prompt; give one of them")
-        if not value and "=" not in word:
+        if not value and "=" not in word and key in OPTIONAL_VALUES and not (
+                i + 1 < len(words) and words[i + 1].isdigit()):
+            value = OPTIONAL_VALUES[key]  # an option whose value may be left out
+        elif not value and "=" not in word:
             i += 1
             if i == len(words):
                 raise SdcliError(f"{where}: {name} needs a value")
@@ -426,7 +430,7 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
                 raise SdcliError(f"--output {path!r}: sdcli writes PNG files (they carry the parameters); "
                                  "end the name with .png, or with / for a folder")
             identity = {**dataclasses.asdict(r), "seed": None if random_seed else seed, "output": None,
-                        "position": position, "image": i, "model": model_name}
+                        "position": position, "batch_index": i, "model": model_name}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
             jobs.append(Job(resolved, position, len(jobs) + 1, i, path, key))
     _check_paths(jobs)
@@ -440,7 +444,7 @@ def _check_paths(jobs: list[Job]) -> None:
             continue
         if job.path in seen:
             raise SdcliError(f"images {seen[job.path]} and {job.index} would both be written to {job.path}: "
-                             "add {seed} or {index} to --output")
+                             "add {index} to --output")
         seen[job.path] = job.index
 
 

@@ -209,7 +209,8 @@ def generate(
         "--hires-strength", show_default=False, help="Strength of that re-render. [default: 0.5]")] = None,
     hires_steps: Annotated[Optional[int], typer.Option(
         "--hires-steps", show_default=False,
-        help="Steps of its schedule; it runs int(steps * strength) of them. [default: --steps]")] = None,
+        help="Steps the re-render runs (as in A1111: its schedule is steps / strength long). "
+             "[default: --steps]")] = None,
     tile: TileOpt = None,
     tile_overlap: TileOverlapOpt = None,
 ):
@@ -247,8 +248,9 @@ def inpaint(
     resize: ResizeOpt = None,
     crop_to_mask: Annotated[Optional[int], typer.Option(
         "--crop-to-mask", metavar="[PADDING]", show_default=False,
-        help="Render only the mask's box, grown by PADDING px (default 32), at -W x -H (default: the model's "
-             "native size), and paste it back: more detail for small masks (A1111's 'only masked').")] = None,
+        help="Render only the mask's box, grown by PADDING px (default 32), at -W x -H (default: the box's shape "
+             "with its longer side at the model's native size), and paste it back: more detail for small masks "
+             "(A1111's 'only masked').")] = None,
     extend: Annotated[Optional[str], typer.Option(
         "--extend", metavar="SIDES", show_default=False,
         help="Outpaint: grow the canvas by 'left=128,top=64,right=0,bottom=0' pixels (multiples of 8) and paint "
@@ -353,16 +355,17 @@ def convert(
     print(f"wrote {n} tensors to {dst}", file=sys.stderr)
 
 
-OPTIONAL_VALUES = {"--crop-to-mask": "32"}  # options whose value may be left out (typer has no such options)
-
-
 def _optional_values(args: list[str]) -> list[str]:
-    """Give an option of OPTIONAL_VALUES its default value where no number follows it."""
+    """Give an option of batch.OPTIONAL_VALUES its value where no number follows it (typer has no options
+    with optional values)."""
+    from sdcli.batch import OPTIONAL_VALUES
+
     out = []
     for i, arg in enumerate(args):
         out.append(arg)
-        if arg in OPTIONAL_VALUES and not (i + 1 < len(args) and args[i + 1].isdigit()):
-            out.append(OPTIONAL_VALUES[arg])
+        key = arg.removeprefix("--").replace("-", "_")
+        if arg.startswith("--") and key in OPTIONAL_VALUES and not (i + 1 < len(args) and args[i + 1].isdigit()):
+            out.append(OPTIONAL_VALUES[key])
     return out
 
 

@@ -176,6 +176,15 @@ def img2img_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def img2img_schedule(steps_run: int, strength: float) -> int:
+    """The shortest schedule of which img2img at `strength` runs exactly `steps_run` steps (A1111's hires pass
+    and its img2img with "fix steps" run the steps asked for, over a schedule about steps / strength long)."""
+    total = steps_run
+    while img2img_steps(total, strength) < steps_run:  # grows by at most 1 per step: it lands on steps_run
+        total += 1
+    return total
+
+
 def _start(engine: Engine, s: Sampling, sigmas: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor | None):
     """Latents at sigmas[0]: pure noise scaled as the sampler expects, or the image's latents plus noise."""
     sigma0 = float(sigmas[0])

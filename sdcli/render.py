@@ -61,8 +61,10 @@ def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | 
         stored = {"model": record.get("model_path"), "vae": record.get("vae_path"),
                   "prediction": record.get("prediction")}
         run_settings.update(check_run({k: v for k, v in stored.items() if v is not None}, from_image))
-    if preset:
+    if preset:  # a preset serves every command: what this one does not take is left out
         preset_request, preset_run = load_preset(preset)
+        preset_request = {k: v for k, v in preset_request.items()
+                          if k.replace("-", "_") not in _SPECIFIC or k.replace("-", "_") in TASK_KEYS[task]}
         base = merge(base, preset_request, f"preset {preset}")
         run_settings.update(preset_run)
     base = merge(base, flags)
@@ -70,6 +72,9 @@ def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | 
     if not run_settings.get("model") and os.environ.get("SDCLI_MODEL"):
         run_settings["model"] = os.environ["SDCLI_MODEL"]
 
+    if images and prompt == "-":
+        raise SdcliError("--prompt - reads prompts from stdin, which IMAGE arguments leave no room for: give the "
+                         "prompt as text, or lines such as 'a cat -i in.png' on stdin")
     if from_file and (prompt is not None or images):
         raise SdcliError(f"give either {'IMAGE arguments' if images else 'a PROMPT'} or --from-file, not both")
     need_prompt = task != "upscale"  # upscales take an optional --prompt
@@ -110,6 +115,11 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
         wanted = " or ".join({"txt2img": "a text-to-image", "inpainting": "an inpainting",
                               "upscale-x4": "an x4 upscaler"}[t] for t in usable)
         raise SdcliError(f"{model_path} is a {cfg.variant} model; {COMMANDS[task]} needs {wanted} model")
+    if record and task == "upscale":  # --from-image of another kind of render: the setting this model does
+        other = "strength" if cfg.task == "upscale-x4" else "noise_level"  # not take is left out
+        if other not in flags:
+            requests = [dataclasses.replace(r, **{other: None}) if getattr(r, other) == record.get(other) else r
+                        for r in requests]
     requests = [_resolve(task, r, cfg) for r in requests]
 
     model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
@@ -124,13 +134,14 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
             return w, h
         if task == "upscale":
             w, h = sources[r.image].size
-            return _scaled(w, h, r.scale, multiple=1 if cfg.task == "upscale-x4" else 8)
+            return _scaled(w, h, r.scale, multiple=1)  # exact: rendered at multiples of 8, then resized
         image, mask = _inpaint_inputs(r, sources) if task == "inpaint" else (sources[r.image], None)
         if r.crop_to_mask is not None and not (r.width and r.height):
             from sdcli.images import mask_box
 
-            left, top, right, bottom = mask_box(mask, r.crop_to_mask)  # rendered with its longer side native
-            w, h = _scaled(right - left, bottom - top, native / max(right - left, bottom - top))
+            left, top, right, bottom = mask_box(mask, r.crop_to_mask)  # the box's shape: its longer side native,
+            bw, bh = right - left, bottom - top  # or the side given
+            w, h = _scaled(bw, bh, r.width / bw if r.width else r.height / bh if r.height else native / max(bw, bh))
         else:  # the input's size (grown by --extend), down to multiples of 8
             w, h = max(8, image.size[0] // 8 * 8), max(8, image.size[1] // 8 * 8)
         return r.width or w, r.height or h
@@ -183,9 +194,12 @@ def _resolve(task: str, r: Request, cfg) -> Request:
         if img2img_steps(r.steps, r.strength) < 1:
             raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
                              "--steps")
-    if task == "txt2img" and r.hires_scale and img2img_steps(r.hires_steps or r.steps, r.hires_strength) < 1:
-        raise SdcliError(f"--hires-strength {r.hires_strength:g} of {r.hires_steps or r.steps} steps runs no step: "
-                         "raise --hires-strength or --hires-steps")
+    if task == "txt2img" and not r.hires_scale:
+        defaults = Request()
+        unused = [k for k in TASK_KEYS["txt2img"] if k.startswith(("hires", "tile")) and k != "hires_scale"
+                  and getattr(r, k) != getattr(defaults, k)]
+        if unused:
+            raise SdcliError(f"--{unused[0].replace('_', '-')} applies to the hires fix: add --hires-scale (e.g. 2)")
     if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
         raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                          f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
@@ -206,7 +220,7 @@ def steps_run(task: str, r: Request, cfg) -> int:
     from sdcli.engine import img2img_steps
 
     if task == "txt2img":
-        return r.steps + (img2img_steps(r.hires_steps or r.steps, r.hires_strength) if r.hires_scale else 0)
+        return r.steps + ((r.hires_steps or r.steps) if r.hires_scale else 0)
     if task == "upscale" and cfg.task == "upscale-x4":
         return r.steps
     return img2img_steps(r.steps, r.strength)
@@ -274,7 +288,7 @@ def _cached(sources: dict, key: tuple, make):
 
 def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: dict, step):
     """One batch of one request -> (uint8 images [B, H, W, 3], the task's own record fields)."""
-    from sdcli.engine import img2img, inpaint, txt2img, upscale_x4
+    from sdcli.engine import img2img, img2img_schedule, inpaint, txt2img, upscale_x4
     from sdcli.images import composite, file_hash, fit, lanczos, mask_box, mask_tensor, paste, to_tensor
 
     extra = {"steps_run": steps_run(task, r, engine.cfg)}
@@ -282,7 +296,7 @@ def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: d
         images = txt2img(engine, r.prompt, r.negative_prompt, s, seeds, r.width, r.height, step)
         if r.hires_scale:  # the hires fix: upscale's path (Lanczos, then tiled img2img) on the same seeds
             big = to_tensor(lanczos(images, *_scaled(r.width, r.height, r.hires_scale)))
-            hires = dataclasses.replace(s, steps=r.hires_steps or r.steps)
+            hires = dataclasses.replace(s, steps=img2img_schedule(r.hires_steps or r.steps, r.hires_strength))
             images = img2img(engine, big, r.prompt, r.negative_prompt, hires, r.hires_strength, seeds, step,
                              (r.tile, r.tile_overlap))
         return images, extra
@@ -291,10 +305,11 @@ def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: d
     if task == "upscale":
         extra.update(width=r.width, height=r.height)  # the output's size
         if engine.cfg.task != "upscale-x4":  # Lanczos, then a tiled img2img pass at low strength
-            big = _cached(sources, ("tensor", r.image, r.width, r.height),
-                          lambda: to_tensor(lanczos(source, r.width, r.height)))
-            return img2img(engine, big, r.prompt, r.negative_prompt, s, r.strength, seeds, step,
-                           (r.tile, r.tile_overlap)), extra
+            size = _scaled(r.width, r.height, 1)  # multiples of 8
+            big = _cached(sources, ("tensor", r.image, size), lambda: to_tensor(lanczos(source, *size)))
+            images = img2img(engine, big, r.prompt, r.negative_prompt, s, r.strength, seeds, step,
+                             (r.tile, r.tile_overlap))
+            return images if size == (r.width, r.height) else lanczos(images, r.width, r.height), extra
         image = _cached(sources, ("tensor", r.image), lambda: to_tensor(source))
         images = upscale_x4(engine, image, r.prompt, r.negative_prompt, s, r.noise_level, seeds, step,
                             (r.tile, r.tile_overlap))

@@ -121,7 +121,7 @@ def test_hires_fix_is_txt2img_then_the_upscale_path(workdir, tiny, run_cli):
                              "--hires-steps", "6", "--json", "-o", "h.png")
     assert code == 0, err
     rec = json.loads(out)
-    assert Image.open("h.png").size == (96, 64) and rec["steps_run"] == 8 + 3
+    assert Image.open("h.png").size == (96, 64) and rec["steps_run"] == 8 + 6  # A1111: the hires steps run
     text = Image.open("h.png").text["parameters"]
     assert "Size: 48x32" in text and "Hires upscale: 2, Hires steps: 6, Hires upscaler: Lanczos" in text
     assert "Denoising strength: 0.5" in text
@@ -135,7 +135,8 @@ def test_hires_fix_is_txt2img_then_the_upscale_path(workdir, tiny, run_cli):
     first = txt(PROMPT, width=48, height=32, num_inference_steps=8,
                 generator=torch.Generator().manual_seed(SEED), **common).images[0]
     big = Image.fromarray(np.round(first * 255).astype(np.uint8)).resize((96, 64), Image.LANCZOS)
-    ref = img(PROMPT, image=big, strength=0.5, num_inference_steps=6, generator=torch.Generator().manual_seed(SEED),
+    # 6 steps run at strength 0.5: diffusers' img2img runs int(12 * 0.5) of 12
+    ref = img(PROMPT, image=big, strength=0.5, num_inference_steps=12, generator=torch.Generator().manual_seed(SEED),
               **common).images[0]
     assert np.abs(np.round(ref * 255) - pixels("h.png")).max() <= 2
     # re-rendered from its metadata, hires settings included
@@ -200,6 +201,13 @@ def test_crop_to_mask(workdir, run_cli):
     assert "Inpaint area: Only masked, Masked area padding: 2" in Image.open("d.png").text["parameters"]
     after = pixels("d.png")
     assert np.array_equal(after[mask == 0], before[mask == 0])
+    # one side given: the other follows the box's shape; in a prompts file the padding may be left out too
+    Path("p.txt").write_text("x --crop-to-mask --seed 3\n")
+    code, out, err = run_cli("inpaint", "--from-file", "p.txt", "-i", "in.png", "--mask", "mask.png", "-W", "64",
+                             "--steps", "2", "--json", "-o", "e.png")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert (rec["crop_to_mask"], rec["seed"], rec["width"], rec["height"]) == (32, 3, 64, 48)  # box 40x32 -> 64x51.2
 
 
 def test_mask_box():
@@ -256,6 +264,31 @@ def test_options_belong_to_their_commands(workdir, run_cli):
     assert code == 2 and "--mask is for inpaint, not upscale" in err
     code, _, err = run_cli("generate", "x", "--hires-scale", "3", "-W", "4096", "-H", "64")
     assert code == 2 and "4096x64 scaled by 3 is 12288x192, over 8192 px" in err
+    for option, value in (("--hires-strength", "0.3"), ("--tile", "256")):  # not silently ignored
+        code, _, err = run_cli("generate", "x", option, value)
+        assert code == 2 and f"{option} applies to the hires fix: add --hires-scale" in err
+
+
+def test_presets_and_other_images_serve_upscale(workdir, tiny, run_cli):
+    """A preset's -W/-H (which upscale does not take) are left out; --from-image of an image made with another
+    kind of model drops the setting this model does not take."""
+    code, out, err = run_cli("upscale", "in.png", "--preset", "sd15", "--steps", "4", "--json", "-o", "p.png")
+    assert code == 0 and Image.open("p.png").size == (80, 64), err
+    x4 = str(tiny("x4").single_file)
+    code, _, err = run_cli("upscale", "--from-image", "p.png", "-m", x4, "--steps", "2", "-o", "x4.png")
+    assert code == 0 and Image.open("x4.png").size == (80, 64), err  # p.png's strength 0.3 left out, scale 2 kept
+    code, out, err = run_cli("upscale", "--from-image", "x4.png", "-m", str(tiny("sd1").single_file), "--scale",
+                             "1.5", "--steps", "4", "--json", "-o", "back.png")
+    assert code == 0 and json.loads(out)["noise_level"] is None, err  # x4.png's noise level left out
+    assert Image.open("back.png").size == (60, 48)  # in.png times 1.5, exactly (rendered at 64x48)
+
+
+def test_resume_tells_inputs_apart(workdir, run_cli):
+    source_image((40, 32)).transpose(Image.FLIP_LEFT_RIGHT).save("other.png")
+    for name in ("in.png", "other.png"):
+        code, out, err = run_cli("img2img", "x", "-i", name, "--steps", "2", "--seed", "1", "--json", "--resume",
+                                 "-o", "out/{image}.png")
+        assert code == 0 and json.loads(out)["path"] == f"out/{name[:-4]}.png", err
 
 
 def test_upscale_prompts_file_lines_need_no_prompt(workdir, run_cli):
