@@ -156,7 +156,7 @@ def test_never_overwrites_without_flag(model, run_cli):
     (["x", "--preset", "nosuch"], "unknown preset 'nosuch'"),
     (["x", "-o", "out.jpg"], "end the name with .png"),
     (["x", "-o", "{seedd}.png"], "unknown field {seedd}"),
-    (["x", "--n-images", "2", "-o", "one.png"], "add {seed} or {index}"),
+    (["x", "--n-images", "2", "-o", "one.png"], "add {index} to --output"),
     (["x", "-o", "-", "--json"], "--json and -o - would both write to stdout"),
     (["x", "--steps", "0"], "--steps must be between 1 and 1000"),
     (["x", "--device", "tpu"], "--device must be auto, cpu, cuda (or cuda:N) or mps, not 'tpu'"),
