@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from sdcli.errors import SdcliError
-from sdcli.images import RESIZE_MODES, parse_extend
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
@@ -61,7 +60,7 @@ class Request:
     noise_level: int | None = None  # x4 upscaler: noise added to the low-res image, 0-350; None: 20
     hires_scale: float | None = None  # generate: upscale the image this much and re-render it (A1111's hires fix)
     hires_strength: float = 0.5  # the strength of that re-render
-    hires_steps: int | None = None  # its steps (it runs int(steps * strength) of them); None: --steps
+    hires_steps: int | None = None  # the steps it runs (over a schedule about steps / strength long); None: --steps
     tile: int = 1024  # upscales are denoised in tiles of at most this many output px a side (bounded memory)
     tile_overlap: int = 128  # px the tiles overlap, blended across
 
@@ -120,6 +119,7 @@ def validate(r: Request, where: str = "") -> Request:
 
 
 def _validate(r: Request) -> None:
+    from sdcli.images import RESIZE_MODES, parse_extend  # numpy and PIL: not at start-up (cli reads this module)
     from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULES
 
@@ -300,14 +300,14 @@ def parse_prompt_line(line: str, where: str) -> dict:
             raise SdcliError(f"{where}: {_option(key)} applies to the whole run; give it on the command line")
         if key == "prompt" and "prompt" in settings:
             raise SdcliError(f"{where}: the line has a prompt and --prompt; give one of them")
-        if not value and "=" not in word and key in OPTIONAL_VALUES and not (
-                i + 1 < len(words) and words[i + 1].isdigit()):
-            value = OPTIONAL_VALUES[key]  # an option whose value may be left out
-        elif not value and "=" not in word:
-            i += 1
-            if i == len(words):
+        if not value and "=" not in word:
+            if key in OPTIONAL_VALUES and not (i + 1 < len(words) and words[i + 1].isdigit()):
+                value = OPTIONAL_VALUES[key]  # its value left out
+            elif i + 1 == len(words):
                 raise SdcliError(f"{where}: {name} needs a value")
-            value = words[i]
+            else:
+                i += 1
+                value = words[i]
         settings[key] = value
         i += 1
     return settings
@@ -386,8 +386,8 @@ def check_output_name(output: str) -> None:
     template = output_template(output)
     if template == "-":
         return
-    sample = dict(seed=1, prompt="p", image="i", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8, height=8,
-                  model="m", date="d", time="t", batch_index=0)
+    sample = dict(seed=1, prompt="p", image="i", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8,
+                  height=8, model="m", date="d", time="t", batch_index=0)
     if not _expand(template, sample).lower().endswith(".png"):
         raise SdcliError(f"--output {output!r}: sdcli writes PNG files (they carry the parameters); "
                          "end the name with .png, or with / for a folder")

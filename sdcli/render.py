@@ -28,8 +28,9 @@ class RunFlags:
 
 
 # Request keys that only some commands take (every rendering command takes the others), per task
+_HIRES_ONLY = ("hires_strength", "hires_steps", "tile", "tile_overlap")  # generate: need --hires-scale
 TASK_KEYS = {
-    "txt2img": ("width", "height", "hires_scale", "hires_strength", "hires_steps", "tile", "tile_overlap"),
+    "txt2img": ("width", "height", "hires_scale", *_HIRES_ONLY),
     "img2img": ("width", "height", "image", "strength", "resize"),
     "inpaint": ("width", "height", "image", "strength", "resize", "mask", "invert_mask", "mask_blur", "extend",
                 "crop_to_mask"),
@@ -37,6 +38,7 @@ TASK_KEYS = {
 }
 COMMANDS = {"txt2img": "generate", "img2img": "img2img", "inpaint": "inpaint", "upscale": "upscale"}
 _SPECIFIC = {k for keys in TASK_KEYS.values() for k in keys}
+_DEFAULTS = Request()
 # what a stored image record can set again (the rest is per-run or per-batch), per task
 _RERENDER_KEYS = {
     task: tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size")
@@ -195,9 +197,7 @@ def _resolve(task: str, r: Request, cfg) -> Request:
             raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
                              "--steps")
     if task == "txt2img" and not r.hires_scale:
-        defaults = Request()
-        unused = [k for k in TASK_KEYS["txt2img"] if k.startswith(("hires", "tile")) and k != "hires_scale"
-                  and getattr(r, k) != getattr(defaults, k)]
+        unused = [k for k in _HIRES_ONLY if getattr(r, k) != getattr(_DEFAULTS, k)]
         if unused:
             raise SdcliError(f"--{unused[0].replace('_', '-')} applies to the hires fix: add --hires-scale (e.g. 2)")
     if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
@@ -231,11 +231,10 @@ def _check_images(task: str, requests: list[Request]) -> dict:
     starts."""
     from sdcli.images import load_image, mask_tensor
 
-    defaults = Request()
     sources = {}
     for r in requests:
         for key in _SPECIFIC.difference(TASK_KEYS[task]):
-            if getattr(r, key) != getattr(defaults, key):
+            if getattr(r, key) != getattr(_DEFAULTS, key):
                 takers = " and ".join(COMMANDS[t] for t, keys in TASK_KEYS.items() if key in keys)
                 raise SdcliError(f"--{key.replace('_', '-')} is for {takers}, not {COMMANDS[task]}"
                                  + (" (upscale takes --scale)" if key in ("width", "height") else ""))
@@ -304,16 +303,16 @@ def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: d
     source = sources[r.image]
     if task == "upscale":
         extra.update(width=r.width, height=r.height)  # the output's size
-        if engine.cfg.task != "upscale-x4":  # Lanczos, then a tiled img2img pass at low strength
-            size = _scaled(r.width, r.height, 1)  # multiples of 8
+        if engine.cfg.task == "upscale-x4":
+            image = _cached(sources, ("tensor", r.image), lambda: to_tensor(source))
+            images = upscale_x4(engine, image, r.prompt, r.negative_prompt, s, r.noise_level, seeds, step,
+                                (r.tile, r.tile_overlap))
+        else:  # Lanczos to multiples of 8, then a tiled img2img pass at low strength
+            size = _scaled(r.width, r.height, 1)
             big = _cached(sources, ("tensor", r.image, size), lambda: to_tensor(lanczos(source, *size)))
             images = img2img(engine, big, r.prompt, r.negative_prompt, s, r.strength, seeds, step,
                              (r.tile, r.tile_overlap))
-            return images if size == (r.width, r.height) else lanczos(images, r.width, r.height), extra
-        image = _cached(sources, ("tensor", r.image), lambda: to_tensor(source))
-        images = upscale_x4(engine, image, r.prompt, r.negative_prompt, s, r.noise_level, seeds, step,
-                            (r.tile, r.tile_overlap))
-        if images.shape[1:3] != (r.height, r.width):  # --scale other than 4: Lanczos from the model's x4
+        if images.shape[1:3] != (r.height, r.width):  # x4 at another --scale, or a size not a multiple of 8
             images = lanczos(images, r.width, r.height)
         return images, extra
     if task == "img2img":
@@ -324,18 +323,15 @@ def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: d
     source, source_mask = _inpaint_inputs(r, sources)
     extra["mask_hash"] = _cached(sources, ("hash", r.mask), lambda: file_hash(r.mask)) if r.mask else None
     if r.crop_to_mask is None:
-        original = fit(source, r.width, r.height, r.resize)
-        mask = mask_tensor(fit(source_mask, r.width, r.height, r.resize), r.mask_blur)
-        generated = inpaint(engine, to_tensor(original), mask, r.prompt, r.negative_prompt, s, r.strength, seeds,
-                            step)
-        return composite(original, generated, mask), extra  # outside the mask: the original pixels
-    # only the mask's box is rendered (at -W x -H, so small masks get the model's full resolution), then pasted
-    # back into the full-size input
-    box = mask_box(source_mask, r.crop_to_mask, r.width / r.height)
-    crop, crop_mask = (fit(i.crop(box), r.width, r.height, "stretch") for i in (source, source_mask))
-    generated = inpaint(engine, to_tensor(crop), mask_tensor(crop_mask, r.mask_blur), r.prompt, r.negative_prompt,
-                        s, r.strength, seeds, step)
-    extra["crop_box"] = list(box)
+        region, region_mask = (fit(i, r.width, r.height, r.resize) for i in (source, source_mask))
+    else:  # only the mask's box, rendered at -W x -H (so small masks get the model's full resolution)
+        box = mask_box(source_mask, r.crop_to_mask, r.width / r.height)
+        region, region_mask = (fit(i.crop(box), r.width, r.height, "stretch") for i in (source, source_mask))
+    mask = mask_tensor(region_mask, r.mask_blur)
+    generated = inpaint(engine, to_tensor(region), mask, r.prompt, r.negative_prompt, s, r.strength, seeds, step)
+    if r.crop_to_mask is None:
+        return composite(region, generated, mask), extra  # outside the mask: the original pixels
+    extra["crop_box"] = list(box)  # pasted back into the full-size input, then composited the same way
     return composite(source, paste(source, generated, box), mask_tensor(source_mask, r.mask_blur)), extra
 
 
