@@ -25,6 +25,8 @@ from sdcli.errors import SdcliError
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
+TILE = (1024, 128)  # default tile size and overlap, output px: outputs up to 1024 px are not tiled
+HIRES_STRENGTH = 0.5
 MAX_NOISE_LEVEL = 350  # the x4 upscaler's highest trained noise level (diffusers' max_noise_level)
 
 
@@ -59,10 +61,10 @@ class Request:
     scale: float | None = None  # upscale factor; None: 4 with x4 upscaler models, else 2
     noise_level: int | None = None  # x4 upscaler: noise added to the low-res image, 0-350; None: 20
     hires_scale: float | None = None  # generate: upscale the image this much and re-render it (A1111's hires fix)
-    hires_strength: float = 0.5  # the strength of that re-render
+    hires_strength: float | None = None  # the strength of that re-render; None: HIRES_STRENGTH
     hires_steps: int | None = None  # the steps it runs (over a schedule about steps / strength long); None: --steps
-    tile: int = 1024  # upscales are denoised in tiles of at most this many output px a side (bounded memory)
-    tile_overlap: int = 128  # px the tiles overlap, blended across
+    tile: int | None = None  # upscales are denoised in tiles of at most this many output px a side (bounded
+    tile_overlap: int | None = None  # memory), overlapping by this many px; None: TILE
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
@@ -118,6 +120,11 @@ def validate(r: Request, where: str = "") -> Request:
     return r
 
 
+def tiling(r: Request) -> tuple[int, int]:
+    """(tile, overlap) in output px, defaults filled in."""
+    return (TILE[0] if r.tile is None else r.tile), (TILE[1] if r.tile_overlap is None else r.tile_overlap)
+
+
 def _validate(r: Request) -> None:
     from sdcli.images import RESIZE_MODES, parse_extend  # numpy and PIL: not at start-up (cli reads this module)
     from sdcli.prompting import parse_prompt_attention
@@ -154,14 +161,15 @@ def _validate(r: Request) -> None:
         if value is not None and not 1 <= value <= 16:
             bad(f"{_option(name)} must be between 1 and 16, not {value:g}" + (" (sdcli upscales; it does not shrink)"
                                                                           if value < 1 else ""))
-    if not 0 < r.hires_strength <= 1:
+    if r.hires_strength is not None and not 0 < r.hires_strength <= 1:
         bad(f"--hires-strength must be above 0 and at most 1, not {r.hires_strength}")
     if r.hires_steps is not None and not 1 <= r.hires_steps <= 1000:
         bad(f"--hires-steps must be between 1 and 1000, not {r.hires_steps}")
     if r.noise_level is not None and not 0 <= r.noise_level <= MAX_NOISE_LEVEL:
         bad(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, not {r.noise_level}")
-    if r.tile % 8 or not 64 <= r.tile <= 8192 or r.tile_overlap % 8 or not 0 <= r.tile_overlap <= r.tile // 2:
-        bad(f"--tile {r.tile} --tile-overlap {r.tile_overlap}: the tile must be a multiple of 8 from 64 to 8192, "
+    tile, overlap = tiling(r)
+    if tile % 8 or not 64 <= tile <= 8192 or overlap % 8 or not 0 <= overlap <= tile // 2:
+        bad(f"--tile {tile} --tile-overlap {overlap}: the tile must be a multiple of 8 from 64 to 8192, "
             "the overlap a multiple of 8 up to half the tile (--tile-overlap defaults to 128)")
     if r.crop_to_mask is not None and not 0 <= r.crop_to_mask <= 4096:
         bad(f"--crop-to-mask padding must be between 0 and 4096 px, not {r.crop_to_mask}")

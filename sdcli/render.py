@@ -12,8 +12,8 @@ from pathlib import Path
 
 from sdcli import __version__
 from sdcli.batch import (
-    NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset,
-    merge, plan, read_prompts, read_prompts_file,
+    HIRES_STRENGTH, NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset,
+    merge, plan, read_prompts, read_prompts_file, tiling,
 )
 from sdcli.errors import SdcliError
 from sdcli.progress import Progress
@@ -197,9 +197,14 @@ def _resolve(task: str, r: Request, cfg) -> Request:
             raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
                              "--steps")
     if task == "txt2img" and not r.hires_scale:
-        unused = [k for k in _HIRES_ONLY if getattr(r, k) != getattr(_DEFAULTS, k)]
+        unused = [k for k in _HIRES_ONLY if getattr(r, k) is not None]
         if unused:
             raise SdcliError(f"--{unused[0].replace('_', '-')} applies to the hires fix: add --hires-scale (e.g. 2)")
+    if task == "txt2img" and r.hires_scale:
+        r = dataclasses.replace(r, hires_strength=r.hires_strength or HIRES_STRENGTH)
+    if task == "upscale" or r.hires_scale:
+        tile, overlap = tiling(r)
+        r = dataclasses.replace(r, tile=tile, tile_overlap=overlap)
     if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
         raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                          f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")

@@ -264,7 +264,8 @@ def test_options_belong_to_their_commands(workdir, run_cli):
     assert code == 2 and "--mask is for inpaint, not upscale" in err
     code, _, err = run_cli("generate", "x", "--hires-scale", "3", "-W", "4096", "-H", "64")
     assert code == 2 and "4096x64 scaled by 3 is 12288x192, over 8192 px" in err
-    for option, value in (("--hires-strength", "0.3"), ("--tile", "256")):  # not silently ignored
+    # not silently ignored, not even at their default values
+    for option, value in (("--hires-strength", "0.3"), ("--hires-strength", "0.5"), ("--tile", "1024")):
         code, _, err = run_cli("generate", "x", option, value)
         assert code == 2 and f"{option} applies to the hires fix: add --hires-scale" in err
 
