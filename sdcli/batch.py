@@ -412,16 +412,19 @@ def output_template(output: str | None, name: str = NAME) -> str:
 
 
 def plan(requests: list[Request], model_name: str, size: Callable[[Request], tuple[int, int]],
-         now: datetime.datetime | None = None, name: str = NAME) -> list[Job]:
+         now: datetime.datetime | None = None, name: str = NAME,
+         draw: Callable[[int], int] | None = None) -> list[Job]:
     """Resolve seeds, schedules, sizes (`size(request)` for what -W/-H leave open) and output paths for every
-    image."""
+    image. `draw(n)`: a random number below n, for the prompts without --seed (processes that plan the same run
+    side by side pass the same seeded draw, and the same `now`)."""
     from sdcli.sampling import SAMPLERS  # the sampler's own schedule
 
     now = now or datetime.datetime.now()
+    draw = draw or secrets.randbelow
     jobs: list[Job] = []
     for position, r in enumerate(requests):
         random_seed = r.seed is None
-        base_seed = secrets.randbelow(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
+        base_seed = draw(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
         width, height = size(r)
         r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule, width=width, height=height)
         template = output_template(r.output, name)

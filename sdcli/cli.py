@@ -153,7 +153,8 @@ def _render_options(
     from_file: Annotated[Optional[str], typer.Option(
         "--from-file", metavar="FILE", show_default=False,
         help="Prompts file: one prompt per line, optionally with options ('a cat --seed 5 --steps 30'), "
-             "or JSON lines.")] = None,
+             "or JSON lines. Under torchrun (torchrun --nproc-per-node N sdcli generate --from-file FILE -o DIR/) "
+             "the images are shared out among the processes, named and seeded as in one process.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Skip images that a previous run of the same batch already wrote.")] = False,
     from_image: Annotated[Optional[str], typer.Option(
@@ -390,3 +391,6 @@ def main() -> None:
         print(f"sdcli: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)  # one line, even for odd paths
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from sdcli import cli_train  # noqa: E402,F401  (registers train-vae, train-unet and export on the app)

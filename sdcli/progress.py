@@ -63,3 +63,27 @@ class Progress:
             yield lambda i: self._bar.update(task, completed=i + 1)
         finally:
             self._bar.remove_task(task)
+
+    @contextlib.contextmanager
+    def training(self, total: int, done: int) -> Iterator[Callable[[int, float], None]]:
+        """A bar of optimizer steps with the loss, it/s and ETA; yields update(step, loss). Off the terminal
+        (or with --quiet) a line every 10% instead."""
+        if not self.live:
+            every = max(1, (total - done) // 10)
+            yield lambda step, loss: (step % every == 0 or step == total) and self.message(
+                f"step {step}/{total}  loss {loss:.4g}")
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+        with RichProgress(*columns, console=self.console, transient=False) as bar:
+            self._bar = bar
+            task = bar.add_task("train", total=total, completed=done, loss="-", rate="")
+            try:
+                yield lambda step, loss: bar.update(
+                    task, completed=step, loss=f"{loss:.4g}",
+                    rate=f"{bar.tasks[task].speed:.2f} it/s" if bar.tasks[task].speed else "")
+            finally:
+                self._bar = None

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli import __version__
+from sdcli import __version__, distributed
 from sdcli.batch import (
     HIRES_STRENGTH, NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset,
     merge, plan, read_prompts, read_prompts_file, tiling,
@@ -96,18 +96,28 @@ def gather(task: str, prompt: str | None, flags: dict, run: dict, preset: str | 
 def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
              from_image: str | None, opts: RunFlags, images: list[str] | None = None) -> None:
     """`task`: txt2img, img2img, inpaint or upscale (`images`: its input files). Everything that can be wrong
-    with the input is found before the model loads or a file is written."""
-    from sdcli.engine import Engine, pick_device, pick_precision
+    with the input is found before the model loads or a file is written.
+
+    Under torchrun every process plans the whole run the same way (the same names, seeds and checks; rank 0's
+    clock and random seeds), then renders its share of the batches (see _share)."""
+    from sdcli.engine import pick_device, pick_precision
     from sdcli.loading import inspect_model
 
+    processes = distributed.world()[1]
+    if processes > 1 and prompt == "-" and not from_file:  # each process would read a part of it
+        raise SdcliError(f"reading prompts from stdin does not work under torchrun ({processes} processes): "
+                         "put them in a file and pass --from-file FILE")
     requests, settings, record = gather(task, prompt, flags, run, preset, from_file, from_image, images)
+    if processes > 1 and any(r.output == "-" for r in requests):
+        raise SdcliError(f"writing images to stdout does not work under torchrun ({processes} processes): "
+                         "give an output folder")
     sources = _check_images(task, requests)
     model_path = settings.get("model")
     if not model_path:
         raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
     if opts.as_json and any(r.output == "-" for r in requests):
         raise SdcliError("--json and -o - would both write to stdout: choose one")
-    device = pick_device(settings.get("device") or "auto")
+    device = distributed.device_for_rank(pick_device(settings.get("device") or "auto"))
     precision = pick_precision(settings.get("precision") or "auto", device)
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
@@ -148,16 +158,49 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
             w, h = max(8, image.size[0] // 8 * 8), max(8, image.size[1] // 8 * 8)
         return r.width or w, r.height or h
 
-    jobs = plan(requests, model_name, size, name=UPSCALE_NAME if task == "upscale" else NAME)
+    owned = not distributed.initialized()  # leave a process group made by someone else (a training run) alone
+    distributed.init(device.type)
+    try:
+        _plan_and_render(task, requests, sources, size, model_name, model_path, checkpoint, device, precision,
+                         settings, record, from_image, opts)
+    finally:
+        if owned:
+            distributed.cleanup()
+
+
+def _plan_and_render(task: str, requests: list[Request], sources: dict, size, model_name: str, model_path: str,
+                     checkpoint, device, precision: str, settings: dict, record: dict | None,
+                     from_image: str | None, opts: RunFlags) -> None:
+    """generate, once the requests are checked: plan every image, check the outputs, load the model, render."""
+    from sdcli.engine import Engine
+
+    cfg = checkpoint.config
+    rank, processes, _ = distributed.world()
+    now = draw = None
+    if processes > 1:  # every process plans the run; rank 0's clock ({date}, {time}) and random seeds serve all
+        import datetime
+        import random
+        import secrets
+
+        now, entropy = distributed.broadcast((datetime.datetime.now(), secrets.randbits(128)))
+        draw = random.Random(entropy).randrange  # randrange(n): below n, like secrets.randbelow
+    jobs = plan(requests, model_name, size, now=now, name=UPSCALE_NAME if task == "upscale" else NAME, draw=draw)
     console = Progress(quiet=opts.quiet)
-    if opts.resume:
-        done = done_keys(jobs)
-        if any(j.key in done for j in jobs):
+    if processes > 1 and os.environ.get("LOCAL_WORLD_SIZE") != "1":
+        console.live = False  # bars of processes sharing a terminal would overwrite each other's lines
+    if opts.resume:  # under torchrun: what any process finds (their folders may not be shared)
+        done = done_keys(jobs) if processes == 1 else set().union(*distributed.all_gather(done_keys(jobs)))
+        if any(j.key in done for j in jobs) and rank == 0:
             console.message(f"--resume: {sum(j.key in done for j in jobs)} image(s) already written, "
                             f"{sum(j.key not in done for j in jobs)} to go")
         jobs = [j for j in jobs if j.key not in done]
     check_outputs(jobs, opts.overwrite)
     if not jobs:
+        return
+    distributed.barrier()  # every process has checked the outputs (and read --resume's) before any is written
+    total = len(jobs)
+    jobs = _share(jobs, rank, processes)
+    if not jobs:  # fewer batches than processes
         return
 
     from sdcli.metadata import model_hash
@@ -165,12 +208,19 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     engine = Engine(checkpoint.load(device), device, precision, vae_tiling=settings.get("vae_tiling"))
     vae = settings.get("vae")
     digest = model_hash(model_path)
-    if record:
+    if record and rank == 0:
         _explain_differences(record, from_image, digest, console)
     common = dict(model=model_name, model_path=str(Path(model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
-    render(task, engine, jobs, sources, common, opts, console)
+    render(task, engine, jobs, sources, common, opts, console, total=total)
+
+
+def _share(jobs: list[Job], rank: int, processes: int) -> list[Job]:
+    """The jobs process `rank` of `processes` renders: whole batches (the batches of a single-process run, so
+    every image is rendered with the same batch-mates, and gets the same pixels), dealt round robin. Rendering
+    the share batches it the same way again: a batch short of its batch size is its prompt's last."""
+    return [job for group in distributed.shard(_batches(jobs), rank, processes) for job in group]
 
 
 def _resolve(task: str, r: Request, cfg) -> Request:
@@ -261,7 +311,7 @@ def _check_images(task: str, requests: list[Request]) -> dict:
             if not repaint.any():
                 raise SdcliError(f"mask {r.mask} has nothing to repaint{' once inverted' if r.invert_mask else ''}: "
                                  "white (or light grey) marks what to repaint")
-            if repaint.all():
+            if repaint.all() and distributed.is_main():
                 print(f"note: mask {r.mask} covers the whole image: this is img2img at strength "
                       f"{r.strength or DEFAULT_STRENGTH[task]:g}", file=sys.stderr)
     return sources
@@ -341,16 +391,18 @@ def _render_group(task: str, engine, r: Request, s, seeds: list[int], sources: d
 
 
 def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts: RunFlags,
-           console: Progress) -> None:
-    """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done."""
+           console: Progress, total: int | None = None) -> None:
+    """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done. `total`: the
+    run's images, when `jobs` is this process's share of them (under torchrun)."""
     from sdcli.engine import Sampling
 
+    total = len(jobs) if total is None else total
     written = 0
     with console.batch(len(jobs)) as bar:
         try:
             for group in _batches(jobs):
                 r = group[0].request
-                label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{len(jobs)}"
+                label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{total}"
                 start = time.perf_counter()
                 s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
                 with bar.image(label, steps_run(task, r, engine.cfg)) as step:
@@ -367,8 +419,11 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                     console.message(f"{'stdout' if job.path == '-' else job.path}  seed {job.request.seed}  "
                                     f"{seconds:.1f} s", force=True)  # the seed is always printed
         except KeyboardInterrupt:
-            console.message(f"interrupted after {written} of {len(jobs)} image(s); "
-                            "rerun the same command with --resume to continue", force=True)
+            if total == len(jobs):
+                console.message(f"interrupted after {written} of {len(jobs)} image(s); "
+                                "rerun the same command with --resume to continue", force=True)
+            elif distributed.is_main():  # the others' counts are theirs
+                console.message("interrupted; rerun the same command with --resume to continue", force=True)
             raise
 
 

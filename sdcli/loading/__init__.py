@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from sdcli.config import ModelConfig, NoiseSchedule
+from sdcli.config import ModelConfig, NoiseSchedule, VAEConfig
 from sdcli.errors import ModelLoadError
 from sdcli.loading import detect
 from sdcli.loading.keymaps import (
@@ -488,31 +488,8 @@ def _tokenizer_dir(path: Path) -> Path | None:
 
 def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
     """Replace the checkpoint's VAE with one from a file or folder (LDM or diffusers names)."""
-    if not _exists(path):
-        raise ModelLoadError(f"VAE not found: {path}")
-    src = str(path)
-    if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        config_file = folder / "config.json"
-        vae_json = _read_json(config_file)
-        if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ModelLoadError(f"{folder} is not a VAE folder: its config describes a {vae_json['_class_name']}")
-        vae_cfg = _from_config(detect.vae_from_diffusers, vae_json, config_file)
-        tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
-        layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
-    else:
-        tensors = {k: v for k, v in _open_safetensors(path).items() if not _IGNORED.search(k)}
-        files = dict.fromkeys(tensors, path)
-        prefix = VAE if any(k.startswith(VAE) for k in tensors) else ""  # a full checkpoint, or a VAE alone
-        tensors = _sub(tensors, prefix)
-        if prefix + "encoder.down.0.block.0.conv1.weight" in tensors:
-            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, prefix), src, "VAE", prefix)
-            layout = _prefixed(prefix)
-        elif "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
-            vae_cfg = _detect(lambda s: detect.vae_from_shapes(s, "diffusers"), _shapes(tensors), src, "VAE")
-            layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
-        else:
-            raise ModelLoadError(f"{src} is not a VAE: no encoder/decoder tensors ({_examples(tensors)})")
+    vae_cfg, part, _ = _vae_part(path)
+    src = part.source
     if vae_cfg.embed_dim != ckpt.config.unet.out_channels:
         raise ModelLoadError(
             f"{src}: this VAE has {vae_cfg.embed_dim} latent channels but the model's UNet denoises "
@@ -527,9 +504,70 @@ def _with_vae(ckpt: Checkpoint, path: Path) -> Checkpoint:
             "it does not belong to this model"
         )
     ckpt.config = replace(ckpt.config, vae=vae_cfg)
-    ckpt.parts["vae"] = Part(tensors, src, layout, files)
+    ckpt.parts["vae"] = part
     ckpt.vae_path = path
     return ckpt
+
+
+def _vae_part(path: Path) -> tuple[VAEConfig, Part, float | None]:
+    """A VAE file or folder (LDM or diffusers names, alone or inside a full model): (config, tensors, the
+    latent scale its diffusers config gives or None)."""
+    if not _exists(path):
+        raise ModelLoadError(f"VAE not found: {path}")
+    src = str(path)
+    scale = None
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        config_file = folder / "config.json"
+        vae_json = _read_json(config_file)
+        if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ModelLoadError(f"{folder} is not a VAE folder: its config describes a {vae_json['_class_name']}")
+        vae_cfg = _from_config(detect.vae_from_diffusers, vae_json, config_file)
+        tensors, src, files = _component_weights(folder, "diffusion_pytorch_model")
+        layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
+        scale = vae_json.get("scaling_factor")
+    else:
+        tensors = {k: v for k, v in _open_safetensors(path).items() if not _IGNORED.search(k)}
+        files = dict.fromkeys(tensors, path)
+        prefix = VAE if any(k.startswith(VAE) for k in tensors) else ""  # a full checkpoint, or a VAE alone
+        tensors = _sub(tensors, prefix)
+        if prefix + "encoder.down.0.block.0.conv1.weight" in tensors:
+            vae_cfg = _detect(detect.vae_from_shapes, _shapes(tensors, prefix), src, "VAE", prefix)
+            layout = _prefixed(prefix)
+        elif "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
+            vae_cfg = _detect(lambda s: detect.vae_from_shapes(s, "diffusers"), _shapes(tensors), src, "VAE")
+            layout = _diffusers_layout(vae_diffusers_name, vae_cfg)
+        else:
+            raise ModelLoadError(f"{src} is not a VAE: no encoder/decoder tensors ({_examples(tensors)})")
+    return vae_cfg, Part(tensors, src, layout, files), scale
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A VAE on its own, from a full model or a VAE file or folder -> (AutoencoderKL, latent scale).
+
+    The scale is the diffusers config's scaling_factor, a full single file's convention, or 0.18215."""
+    from sdcli.models.vae import AutoencoderKL
+
+    path = Path(path).expanduser()
+    if not str(path).strip():
+        raise ModelLoadError("an empty path was given for the VAE")
+    full = (path / "model_index.json").is_file() if path.is_dir() else (
+        _exists(path) and any(k.startswith(UNET) for k in _open_safetensors(path)))
+    if full:
+        ckpt = _open(path, None, None)
+        vae_cfg, part, scale = ckpt.config.vae, ckpt.parts["vae"], ckpt.config.latent_scale
+    else:
+        vae_cfg, part, scale = _vae_part(path)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        scale = 0.18215
+    with torch.device("meta"):
+        vae = AutoencoderKL(vae_cfg)
+    expected = vae.state_dict()
+    layout = part.layout(list(expected))
+    _check_tensors(part.tensors, layout.to_file(expected), part.source, "VAE", "vae")
+    ours = layout.from_file(part.materialize(device, dtype))
+    vae.load_state_dict({k: _fit(v, expected[k]) for k, v in ours.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False), float(scale)
 
 
 # --- the strict check ------------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""The training commands (`train-vae`, `train-unet`) and `export`, registered on sdcli.cli's app.
+
+Options default to None, meaning "not given": a new run takes the config's default, a resumed run keeps
+its own value (see training.common.configure)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from sdcli.cli import DeviceOpt, QuietOpt, app
+
+DataArg = Annotated[str, typer.Argument(
+    help="A folder of images with same-name .txt captions, or with a metadata.jsonl of {\"file_name\", \"text\"} "
+         "lines.", show_default=False, metavar="DATA")]
+OutOpt = Annotated[str, typer.Option(
+    "--out", metavar="DIR", show_default=False,
+    help="The run's folder: the trained model, checkpoints/, samples/ and metrics.jsonl.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")]
+ResolutionOpt = Annotated[Optional[int], typer.Option(
+    "--resolution", show_default=False, help="Images are resized and cropped to this square size. [default: 256]")]
+RandomCropOpt = Annotated[Optional[bool], typer.Option(
+    "--random-crop/--center-crop", show_default=False, help="Where to crop. [default: center]")]
+FlipOpt = Annotated[Optional[bool], typer.Option(
+    "--flip/--no-flip", show_default=False,
+    help="Random horizontal flips. Off by default: a flip changes what 'left' means. [default: no-flip]")]
+StrictOpt = Annotated[Optional[bool], typer.Option(
+    "--strict/--no-strict", show_default=False,
+    help="Fail on an unreadable image or empty caption instead of skipping it. [default: no-strict]")]
+BatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", show_default=False, help="Images per process and micro-batch. [default: 8]")]
+AccumOpt = Annotated[Optional[int], typer.Option(
+    "--grad-accum", show_default=False, help="Micro-batches per optimizer step. [default: 1]")]
+LrOpt = Annotated[Optional[float], typer.Option(
+    "--lr", show_default=False, help="Peak AdamW learning rate, after the warm-up; cosine decay to 0. [default: 1e-4]")]
+WarmupOpt = Annotated[Optional[int], typer.Option("--warmup-steps", show_default=False, help="[default: 100]")]
+WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", show_default=False,
+                                                         help="AdamW weight decay. [default: 0.01]")]
+ClipOpt = Annotated[Optional[float], typer.Option(
+    "--max-grad-norm", show_default=False, help="Gradient clipping; 0 turns it off. [default: 1.0]")]
+EmaOpt = Annotated[Optional[float], typer.Option(
+    "--ema-decay", show_default=False,
+    help="EMA of the weights, which the saved model holds; 0 turns it off. [default: 0.9999]")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--mixed-precision", show_default=False,
+    help="auto, no, bf16 or fp16 (with a gradient scaler); CUDA only. auto: bf16 where supported, else fp16, on "
+         "CUDA; no elsewhere. [default: auto]")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", show_default=False,
+                                                    help="Optimizer steps. [default: 1000]")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", show_default=False, help="Weights, data order, crops, noise and timesteps. [default: 0]")]
+SaveEveryOpt = Annotated[Optional[int], typer.Option(
+    "--save-every", show_default=False, help="Steps between checkpoints and model saves. [default: 500]")]
+KeepOpt = Annotated[Optional[int], typer.Option("--keep", show_default=False,
+                                                help="Checkpoints kept. [default: 3]")]
+ValidateEveryOpt = Annotated[Optional[int], typer.Option(
+    "--validate-every", show_default=False, help="Steps between validation grids. [default: --save-every]")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
+                                                help="Architecture preset: tiny, small or sd15 (sd for the VAE).")]
+ChannelsOpt = Annotated[Optional[str], typer.Option(
+    "--channels", show_default=False, help="Widths per level, e.g. 64,128,256 (multiples of 32).")]
+LayersOpt = Annotated[Optional[int], typer.Option("--layers-per-block", show_default=False,
+                                                  help="Resnet blocks per level.")]
+InitOpt = Annotated[Optional[str], typer.Option(
+    "--init", metavar="MODEL", show_default=False, help="Fine-tune this model instead of training a new one.")]
+
+
+def _train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps, weight_decay,
+                   max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every, keep,
+                   validate_every) -> dict:
+    return dict(locals()) | {"mixed_precision": mixed_precision or "auto"}
+
+
+@app.command("train-vae")
+def train_vae(
+    data: DataArg, out: OutOpt, resume: ResumeOpt = False,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", metavar="MODEL_OR_VAE", show_default=False,
+        help="Fine-tune this VAE: a VAE file or folder, or a full model's VAE.")] = None,
+    decoder_only: Annotated[Optional[bool], typer.Option(
+        "--decoder-only", show_default=False, help="With --init: train the decoder only; the latents stay the same."
+    )] = None,
+    arch: ArchOpt = None, channels: ChannelsOpt = None,
+    downsample: Annotated[Optional[int], typer.Option("--downsample", show_default=False,
+                                                      help="4, 8 or 16: image pixels per latent pixel.")] = None,
+    latent_channels: Annotated[Optional[int], typer.Option("--latent-channels", show_default=False)] = None,
+    layers_per_block: LayersOpt = None,
+    kl_weight: Annotated[Optional[float], typer.Option("--kl-weight", show_default=False,
+                                                       help="[default: 1e-6]")] = None,
+    perceptual_weights: Annotated[Optional[str], typer.Option(
+        "--perceptual-weights", metavar="VGG16.safetensors", show_default=False,
+        help="VGG16 weights (torchvision names; LPIPS lin layers too if present) for the perceptual term; none can "
+             "be downloaded, so without them the term is off.")] = None,
+    perceptual_weight: Annotated[Optional[float], typer.Option("--perceptual-weight", show_default=False,
+                                                               help="[default: 1.0]")] = None,
+    disc_start: Annotated[Optional[int], typer.Option(
+        "--disc-start", show_default=False, help="Step at which the PatchGAN discriminator starts. [default: 5000]")] = None,
+    disc_weight: Annotated[Optional[float], typer.Option(
+        "--disc-weight", show_default=False,
+        help="Times the adaptive weight of the adversarial term; 0 turns the discriminator off. [default: 0.5]")] = None,
+    disc_layers: Annotated[Optional[int], typer.Option("--disc-layers", show_default=False,
+                                                       help="[default: 3]")] = None,
+    validation_images: Annotated[Optional[int], typer.Option(
+        "--validation-images", show_default=False,
+        help="Images held out; their reconstructions are the validation grid. [default: 4]")] = None,
+    resolution: ResolutionOpt = None, random_crop: RandomCropOpt = None, flip: FlipOpt = None,
+    strict: StrictOpt = None, batch_size: BatchOpt = None, grad_accum: AccumOpt = None, lr: LrOpt = None,
+    warmup_steps: WarmupOpt = None, weight_decay: WeightDecayOpt = None, max_grad_norm: ClipOpt = None,
+    ema_decay: EmaOpt = None, mixed_precision: PrecisionOpt = None, max_steps: MaxStepsOpt = None,
+    seed: SeedOpt = None, save_every: SaveEveryOpt = None, keep: KeepOpt = None,
+    validate_every: ValidateEveryOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
+):
+    """Train a KL autoencoder (LDM): L1, optional perceptual term, KL, and a PatchGAN with adaptive weight."""
+    from sdcli.training import vae
+
+    vae.run(
+        data, out,
+        train=_train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps,
+                             weight_decay, max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every,
+                             keep, validate_every),
+        objective=dict(kl_weight=kl_weight, perceptual_weights=perceptual_weights,
+                       perceptual_weight=perceptual_weight, disc_start=disc_start, disc_weight=disc_weight,
+                       disc_layers=disc_layers, decoder_only=decoder_only, validation_images=validation_images),
+        arch=dict(preset=arch, channels=channels, downsample=downsample, latent_channels=latent_channels,
+                  layers_per_block=layers_per_block),
+        init=init, resume=resume, device_name=device or "auto", quiet=quiet,
+    )
+
+
+@app.command("train-unet")
+def train_unet(
+    data: DataArg, out: OutOpt, resume: ResumeOpt = False, init: InitOpt = None,
+    vae: Annotated[Optional[str], typer.Option(
+        "--vae", metavar="PATH", show_default=False,
+        help="The VAE: a train-vae folder, a VAE file, or a model. Needed for a new UNet; replaces --init's.")] = None,
+    arch: ArchOpt = None, channels: ChannelsOpt = None, layers_per_block: LayersOpt = None,
+    attention_levels: Annotated[Optional[str], typer.Option(
+        "--attention-levels", show_default=False,
+        help="One 0 or 1 per level: where the UNet attends to the text. [default: all levels but the last]")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", show_default=False,
+                                                 help="Attention heads. [default: 8]")] = None,
+    text_encoder_config: Annotated[Optional[str], typer.Option(
+        "--text-encoder-config", show_default=False,
+        help="A new CLIP text encoder (real CLIP vocabulary): tiny, small or sd15. [default: small]")] = None,
+    text_width: Annotated[Optional[int], typer.Option("--text-width", show_default=False,
+                                                      help="New text encoder width (multiple of 64).")] = None,
+    text_layers: Annotated[Optional[int], typer.Option("--text-layers", show_default=False)] = None,
+    train_text_encoder: Annotated[Optional[bool], typer.Option(
+        "--train-text-encoder", show_default=False, help="Train the text encoder too (a new one always is).")] = None,
+    prediction: Annotated[Optional[str], typer.Option(
+        "--prediction", show_default=False, help="eps or v. [default: the model's own; eps for a new one]")] = None,
+    snr_gamma: Annotated[Optional[float], typer.Option(
+        "--snr-gamma", show_default=False, help="Min-SNR loss weighting (5 is usual); 0 is off. [default: 0]")] = None,
+    noise_offset: Annotated[Optional[float], typer.Option("--noise-offset", show_default=False,
+                                                          help="[default: 0]")] = None,
+    caption_dropout: Annotated[Optional[float], typer.Option(
+        "--caption-dropout", show_default=False,
+        help="How often a caption is replaced by '', so classifier-free guidance works. [default: 0.1]")] = None,
+    cache_latents: Annotated[Optional[bool], typer.Option(
+        "--cache-latents", show_default=False, help="Encode the data set with the VAE once, up front.")] = None,
+    validation_prompts: Annotated[Optional[list[str]], typer.Option(
+        "--validation-prompts", show_default=False,
+        help="A prompt (repeat the option for more) or a text file of prompts. [default: the first captions]")] = None,
+    validation_steps: Annotated[Optional[int], typer.Option("--validation-steps", show_default=False,
+                                                            help="[default: 20]")] = None,
+    validation_cfg: Annotated[Optional[float], typer.Option("--validation-cfg", show_default=False,
+                                                            help="[default: 5]")] = None,
+    resolution: ResolutionOpt = None, random_crop: RandomCropOpt = None, flip: FlipOpt = None,
+    strict: StrictOpt = None, batch_size: BatchOpt = None, grad_accum: AccumOpt = None, lr: LrOpt = None,
+    warmup_steps: WarmupOpt = None, weight_decay: WeightDecayOpt = None, max_grad_norm: ClipOpt = None,
+    ema_decay: EmaOpt = None, mixed_precision: PrecisionOpt = None, max_steps: MaxStepsOpt = None,
+    seed: SeedOpt = None, save_every: SaveEveryOpt = None, keep: KeepOpt = None,
+    validate_every: ValidateEveryOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
+):
+    """Train the text-conditioned denoiser: fine-tune a model (--init) or a new UNet on a VAE (--vae)."""
+    from sdcli.training import unet
+
+    unet.run(
+        data, out,
+        train=_train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps,
+                             weight_decay, max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every,
+                             keep, validate_every),
+        objective=dict(prediction=prediction, snr_gamma=snr_gamma, noise_offset=noise_offset,
+                       caption_dropout=caption_dropout, train_text_encoder=train_text_encoder,
+                       cache_latents=cache_latents, validation_prompts=_prompts(validation_prompts),
+                       validation_steps=validation_steps, validation_cfg=validation_cfg),
+        arch=dict(preset=arch, channels=channels, layers_per_block=layers_per_block,
+                  attention_levels=attention_levels, heads=heads),
+        text_arch=dict(preset=text_encoder_config, width=text_width, layers=text_layers),
+        init=init, vae=vae, resume=resume, device_name=device or "auto", quiet=quiet,
+    )
+
+
+def _prompts(values: list[str] | None) -> tuple[str, ...] | None:
+    """Each value is a prompt, or a text file of prompts (one a line)."""
+    from pathlib import Path
+
+    if not values:
+        return None
+    prompts: list[str] = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.suffix.lower() == ".txt" or path.is_file():
+            try:
+                prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                from sdcli.errors import SdcliError
+
+                raise SdcliError(f"cannot read validation prompts {path}: {e}") from None
+        else:
+            prompts.append(value)
+    return tuple(prompts)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A train-unet output folder, or any model sdcli loads.",
+                                         show_default=False, metavar="MODEL")],
+    dst: Annotated[str, typer.Argument(help="The .safetensors file to write.", show_default=False, metavar="OUT")],
+    raw: Annotated[bool, typer.Option("--raw", help="The latest checkpoint's trained weights instead of their EMA.")]
+    = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Keep fp32 weights (default: fp16, half the size).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+):
+    """Write a model as one original-layout (LDM) .safetensors file, which A1111, ComfyUI and diffusers'
+    from_single_file read."""
+    from sdcli.training.export import export_single_file
+
+    n = export_single_file(model, dst, raw=raw, fp32=fp32, overwrite=overwrite)
+    print(f"wrote {dst} ({n / 1e6:.1f} MB)", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Training the autoencoder (train-vae) and the denoiser (train-unet): configs, data, objectives, the loop."""

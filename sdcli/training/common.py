@@ -1,0 +1,135 @@
+"""What both trainers do around the loop: the output folder, the device and processes, resuming, grids."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdcli import distributed
+from sdcli.errors import SdcliError
+from sdcli.training import checkpoint
+from sdcli.training.config import RESUMABLE_CHANGES, from_dict
+
+# What makes a folder a training run's output (a plain folder of other files may be reused).
+_RUN_FILES = ("checkpoints", "model_index.json", "vae", "metrics.jsonl")
+
+
+def start(out: str | Path, resume: bool, device_name: str) -> tuple[Path, torch.device, dict | None]:
+    """Check the output folder (made later by create()), join the other processes under torchrun, pick this
+    process's device, and read the checkpoint to resume from -> (out, device, checkpoint or None)."""
+    from sdcli.engine import pick_device
+    from sdcli.fileio import probe_folder
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SdcliError(f"--out {out} is a file: give a folder for the trained model")
+    device = distributed.device_for_rank(pick_device(device_name))
+    distributed.init(device.type)
+    state = None
+    if resume:
+        found = checkpoint.existing(out)
+        if not found:
+            raise SdcliError(f"nothing to resume in {out}: it has no {checkpoint.FOLDER}/step-*.pt; "
+                             "drop --resume to start a new run")
+        state = checkpoint.load(found[-1][1])
+    elif any((out / name).exists() for name in _RUN_FILES):
+        raise SdcliError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    else:
+        probe_folder(out)
+    return out, device, state
+
+
+def create(out: Path) -> None:
+    """Make the output folder, once the data and the model are known to be good (a failed start leaves none)."""
+    if distributed.is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SdcliError(f"cannot create {out}: {e.strerror or e}") from None
+    distributed.barrier()
+
+
+def configure(cls, given: dict, state: dict | None, key: str):
+    """A config from the options given (the rest default); when resuming, the run's stored config with the
+    changes a resume allows. Giving any other option a different value is refused."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    if state is None:
+        return cls(**given)
+    stored = from_dict(cls, state["config"][key])
+    for name, value in given.items():
+        if name not in RESUMABLE_CHANGES and getattr(stored, name) != value:
+            raise SdcliError(f"--{name.replace('_', '-')} {value} differs from the resumed run's "
+                             f"{getattr(stored, name)}: a resumed run keeps its settings; drop the option or start "
+                             "a new --out")
+    return replace(stored, **given)
+
+
+def mixed_precision(name: str | None, device: torch.device) -> str | None:
+    """auto: bf16 where the GPU has it, else fp16 with a gradient scaler, on CUDA; no elsewhere."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def run(task, cfg, out: Path, device: torch.device, state: dict | None, progress) -> None:
+    """The loop, then where the result is; the process group is left at the end."""
+    from sdcli.training.loop import train
+
+    try:
+        train(task, cfg, out, device, state, progress)
+    finally:
+        distributed.cleanup()
+
+
+def check_sources(state: dict, given: dict[str, object]) -> None:
+    """The options that made the run's model ({flag: value}: --init, --vae, --arch, ...) may be given again
+    on resume (the same command plus --resume), but not changed: the run continues its own model."""
+    stored = state["config"].get("sources", {})
+    for flag, value in given.items():
+        if value is not None and stored.get(flag) != value:
+            raise SdcliError(f"--{flag} {value} differs from the resumed run's {stored.get(flag)}: a resumed run "
+                             "continues its own model; drop the option or start a new --out")
+
+
+def sources(given: dict[str, object]) -> dict[str, object]:
+    """The model options given, as stored in checkpoints for check_sources."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def flags(options: dict, names: dict[str, str]) -> dict[str, object]:
+    """{option: value} -> {flag name: value}: `names` renames, other options are spelled with dashes."""
+    return {names.get(k, k.replace("_", "-")): v for k, v in options.items()}
+
+
+def make_trainable(module: nn.Module) -> nn.Module:
+    """Own copies of the weights (loaded ones are views of a read-only file mapping), gradients on."""
+    for p in module.parameters():
+        p.data = p.data.clone()
+    return module.requires_grad_(True).train()
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """uint8 [N, H, W, 3] -> one PNG, `columns` images a row, written atomically."""
+    from PIL import Image
+
+    from sdcli.fileio import atomic_path
+
+    n, h, w, _ = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(rows * h, columns * w, 3, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=True) as tmp:
+        Image.fromarray(grid.numpy()).save(tmp, format="PNG")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
