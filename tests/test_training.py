@@ -418,3 +418,26 @@ def test_two_processes_equal_one_with_the_doubled_batch_and_resume(data, vae_run
         assert all(torch.equal(ddp[key][k], resumed[key][k]) for k in ddp[key])
     assert [m["loss"] for m in metrics(tmp_path / "ddp") if "loss" in m] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m], abs=1e-5)
+
+
+def test_architectures_from_presets_and_flags():
+    from sdcli.errors import SdcliError
+    from sdcli.training.config import text_config, unet_config, vae_config
+
+    vae = vae_config("tiny", downsample=8, channels="32,64,64,64", latent_channels=8, layers_per_block=2)
+    assert (vae.downsample_factor, vae.ch, vae.ch_mult, vae.embed_dim, vae.num_res_blocks) == (8, 32, (1, 2, 2, 2), 8, 2)
+    assert vae_config("sd", downsample=16, channels="64").ch_mult == (1, 2, 4, 4, 4)
+    unet = unet_config("tiny", channels="32,64", attention_levels="0,1", heads=4, context_dim=128)
+    assert (unet.model_channels, unet.channel_mult, unet.attention_levels, unet.num_heads, unet.context_dim) == (
+        32, (1, 2), (False, True), 4, 128)
+    text = text_config("small", width=192, layers=3)
+    assert (text.width, text.heads, text.layers, text.vocab_size) == (192, 3, 3, 49408)
+    for bad, message in [(lambda: vae_config(downsample=3), "--downsample must be 4, 8 or 16"),
+                         (lambda: vae_config(channels="48"), "multiple of 32"),
+                         (lambda: vae_config(downsample=8, channels="32,64"), "needs 4"),
+                         (lambda: unet_config(attention_levels="1"), "one 0 or 1 per level"),
+                         (lambda: unet_config(channels="32,x"), "comma-separated integers"),
+                         (lambda: text_config(width=100), "multiple of 64"),
+                         (lambda: unet_config("huge"), "unknown UNet preset")]:
+        with pytest.raises(SdcliError, match=message):
+            bad()
