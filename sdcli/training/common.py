@@ -96,8 +96,11 @@ def check_sources(state: dict, given: dict[str, object]) -> None:
                              "continues its own model; drop the option or start a new --out")
 
 
-def sources(given: dict[str, object]) -> dict[str, object]:
-    """The model options given, as stored in checkpoints for check_sources."""
+def sources(state: dict | None, given: dict[str, object]) -> dict[str, object]:
+    """The options that made the run's model, stored in checkpoints for check_sources: the resumed run's, or
+    those given to a new run."""
+    if state is not None:
+        return state["config"].get("sources", {})
     return {k: v for k, v in given.items() if v is not None}
 
 

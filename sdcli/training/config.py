@@ -8,7 +8,7 @@ sdcli.config, built here from named presets and flags.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from sdcli.config import SD1_TEXT, TextEncoderConfig, UNetConfig, VAEConfig
 from sdcli.errors import SdcliError
@@ -108,10 +108,6 @@ class DiffusionObjective:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def as_dict(cfg) -> dict:
-    return asdict(cfg)
 
 
 def from_dict(cls, data: dict):

@@ -23,6 +23,7 @@ from sdcli import distributed
 from sdcli.errors import SdcliError
 from sdcli.training import checkpoint
 from sdcli.training.config import TrainConfig
+from sdcli.training.data import positions
 
 
 class Task(Protocol):
@@ -205,8 +206,6 @@ def train(task: Task, cfg: TrainConfig, out: Path, device: torch.device, resume:
 def _accumulate(task: Task, wrapped: nn.Module, cfg: TrainConfig, step: int, rank: int, world: int,
                 precision: Precision) -> dict[str, float]:
     """Forward and backward over cfg.grad_accum micro-batches; DDP syncs gradients on the last one only."""
-    from sdcli.training.data import positions
-
     totals: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         last = micro == cfg.grad_accum - 1

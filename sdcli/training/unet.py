@@ -15,7 +15,7 @@ from torch import nn
 
 from sdcli.errors import SdcliError
 from sdcli.training import common
-from sdcli.training.config import DiffusionObjective, TrainConfig, as_dict
+from sdcli.training.config import DiffusionObjective, TrainConfig
 from sdcli.training.data import Dataset, example_at, generator, load_image
 from sdcli.training.losses import diffusion_target, snr_weights
 
@@ -87,10 +87,11 @@ class UNetTask:
     def loss(self, net, step: int, positions: list[int]):
         m, obj, cfg = self.model, self.objective, self.cfg
         gens = [generator(cfg.seed, "sample", p) for p in positions]
-        examples = [self.data.examples[example_at(len(self.data), cfg.seed, p)] for p in positions]
+        indices = [example_at(len(self.data), cfg.seed, p) for p in positions]
+        examples = [self.data.examples[i] for i in indices]
         # per sample, in a fixed order: caption dropout, crop and flip, posterior noise, timestep, noise
         captions = dropped_captions([ex.caption for ex in examples], gens, obj.caption_dropout)
-        x0 = self._latents(examples, gens) * m.cfg.latent_scale  # [B, C, h, w]
+        x0 = self._latents(indices, gens) * m.cfg.latent_scale  # [B, C, h, w]
         t = torch.cat([torch.randint(0, len(self.abar), (1,), generator=g) for g in gens])
         eps = torch.stack([sample_noise(g, tuple(x0.shape[1:]), obj.noise_offset) for g in gens])
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
@@ -111,19 +112,18 @@ class UNetTask:
                   return_tensors="pt").input_ids
         return ids.to(self.device)
 
-    def _latents(self, examples, gens) -> torch.Tensor:
+    def _latents(self, indices: list[int], gens) -> torch.Tensor:
         """Unscaled latent samples [B, C, h, w] on the CPU: cached posteriors, or images through the VAE."""
         cfg = self.cfg
         if self.cache is not None:
-            index = {ex: i for i, ex in enumerate(self.data.examples)}
             rows = []
-            for ex, g in zip(examples, gens, strict=True):
+            for i, g in zip(indices, gens, strict=True):
                 flipped = torch.rand(3, generator=g)[2].item() < 0.5 and cfg.flip  # the draws load_image makes
-                mean, std = self.cache[int(flipped)][index[ex]]
+                mean, std = self.cache[int(flipped)][i]
                 rows.append(mean + std * torch.randn(mean.shape, generator=g))
             return torch.stack(rows)
-        images = torch.stack([load_image(ex.path, cfg.resolution, g, cfg.random_crop, cfg.flip)[0]
-                              for ex, g in zip(examples, gens, strict=True)])
+        images = torch.stack([load_image(self.data.examples[i].path, cfg.resolution, g, cfg.random_crop, cfg.flip)[0]
+                              for i, g in zip(indices, gens, strict=True)])
         with torch.no_grad():
             posterior = self.model.vae.encode(images.to(self.device))
         mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
@@ -173,7 +173,7 @@ class UNetTask:
         return {}
 
     def state(self) -> dict:
-        return {"kind": "unet", "train": as_dict(self.cfg), "objective": as_dict(self.objective), "sources": self.sources,
+        return {"kind": "unet", "train": asdict(self.cfg), "objective": asdict(self.objective), "sources": self.sources,
                 "model": asdict(self.model.cfg)}
 
 
@@ -262,8 +262,7 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     if data.report():
         progress.message(data.report(), force=True)
     task = UNetTask(model, cfg, obj, data, device)
-    task.sources = state["config"].get("sources", {}) if state else common.sources(
-        {"init": init, "vae": vae, **new_model_flags})
+    task.sources = common.sources(state, {"init": init, "vae": vae, **new_model_flags})
     common.create(out_path)
     if state is None and distributed.is_main():  # the frozen parts now: a resume reads them from here
         save_diffusers(model, out_path)

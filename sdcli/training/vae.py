@@ -19,7 +19,7 @@ from torch import nn
 
 from sdcli.errors import SdcliError
 from sdcli.training import common
-from sdcli.training.config import TrainConfig, VAEObjective, as_dict
+from sdcli.training.config import TrainConfig, VAEObjective
 from sdcli.training.data import Dataset, example_at, generator, holdout, load_image
 from sdcli.training.losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_vgg16
 from sdcli.models.vae import DiagonalGaussian
@@ -133,7 +133,7 @@ class VAETask:
         return {"l1": (x - recon).abs().mean().item(), "psnr": -10 * torch.log10(torch.tensor(max(mse, 1e-10))).item()}
 
     def state(self) -> dict:
-        return {"kind": "vae", "train": as_dict(self.cfg), "objective": as_dict(self.objective), "sources": self.sources,
+        return {"kind": "vae", "train": asdict(self.cfg), "objective": asdict(self.objective), "sources": self.sources,
                 "vae": asdict(self.vae.cfg)}
 
 
@@ -176,8 +176,7 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, init:
     if obj.decoder_only and state is None and init is None:
         raise SdcliError("--decoder-only fine-tunes the decoder of an existing VAE: give it with --init")
     task = VAETask(vae, scale, cfg, obj, data, device)
-    task.sources = state["config"].get("sources", {}) if state else common.sources(
-        {"init": init, **common.flags(arch, {"preset": "arch"})})
+    task.sources = common.sources(state, {"init": init, **common.flags(arch, {"preset": "arch"})})
     common.create(out_path)
     progress.message(f"training a VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, "
                      f"{vae.cfg.downsample_factor}x, {vae.cfg.embed_dim} latent channels) on {len(task.train_examples)} "
