@@ -41,7 +41,7 @@ class Request:
     sampler: str = "dpm++2m"
     schedule: str | None = None  # None: the sampler's own (karras for dpm++, ddim for ddim/pndm, else normal)
     seed: int | None = None  # None: random; image i of the prompt gets seed + i
-    width: int | None = None  # None: the model's native size (768 for SD 2.x v models, else 512)
+    width: int | None = None  # None: the model's native size (its trained size; SD 2.x v: 768, else 512)
     height: int | None = None
     clip_skip: int = 1  # 2: condition on the text encoder's penultimate layer (A1111's "Clip skip")
     n_images: int = 1  # images for this prompt
@@ -355,10 +355,6 @@ class Job:
     batch_index: int  # 0-based within its prompt's images
     path: str  # "-" for stdout
     key: str  # identifies the job for --resume: settings and position, not the random seed
-
-
-def default_size(family: str, prediction: str) -> int:
-    return 768 if family == "sd2" and prediction == "v" else 512
 
 
 def slug(text: str, limit: int = 48) -> str:

@@ -80,7 +80,7 @@ ClipSkipOpt = Annotated[Optional[int], typer.Option(
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", metavar="PATH", show_default=False,
     help="A .safetensors checkpoint or a diffusers model folder. [default: a preset's or --from-image's model, "
-         "else $SDCLI_MODEL]")]
+         "else $SDCLI_MODEL, else the built-in demo model]")]
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH", show_default=False,
     help="A .png file, a folder, a template such as 'out/{seed}-{prompt}.png' (fields: {seed} {prompt} {image} {index} "

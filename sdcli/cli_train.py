@@ -218,15 +218,17 @@ def _prompts(values: list[str] | None) -> tuple[str, ...] | None:
 def export(
     model: Annotated[str, typer.Argument(help="A train-unet output folder, or any model sdcli loads.",
                                          show_default=False, metavar="MODEL")],
-    dst: Annotated[str, typer.Argument(help="The .safetensors file to write.", show_default=False, metavar="OUT")],
+    dst: Annotated[str, typer.Argument(help="A .safetensors file (the original single-file layout), or a folder (a "
+                                       "diffusers model).", show_default=False, metavar="OUT")],
     raw: Annotated[bool, typer.Option("--raw", help="The latest checkpoint's trained weights instead of their EMA.")]
     = False,
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep fp32 weights (default: fp16, half the size).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (a folder's files) if it exists.")]
+    = False,
 ):
     """Write a model as one original-layout (LDM) .safetensors file, which A1111, ComfyUI and diffusers'
-    from_single_file read."""
-    from sdcli.training.export import export_single_file
+    from_single_file read, or as a diffusers folder (fp16 by default both ways)."""
+    from sdcli.training.export import export
 
-    n = export_single_file(model, dst, raw=raw, fp32=fp32, overwrite=overwrite)
+    n = export(model, dst, raw=raw, fp32=fp32, overwrite=overwrite)
     print(f"wrote {dst} ({n / 1e6:.1f} MB)", file=sys.stderr)

@@ -125,6 +125,7 @@ class ModelConfig:
     family: str = "sd1"  # "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP text encoder
     prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
     latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
+    resolution: int | None = None  # px a side it was trained at (a diffusers folder's); None: see native_size
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     # x4 upscaler: the schedule that noises the low-res image it is conditioned on ("noise augmentation"),
     # and the highest noise level (timestep of that schedule) it was trained with
@@ -136,6 +137,16 @@ class ModelConfig:
             raise ValueError(f"unknown family {self.family!r} or prediction {self.prediction!r}")
         if not isinstance(self.latent_scale, float) or not math.isfinite(self.latent_scale) or self.latent_scale <= 0:
             raise ValueError(f"latent scale must be a positive number, not {self.latent_scale!r}")
+        if self.resolution is not None and (type(self.resolution) is not int or self.resolution < 8):
+            raise ValueError(f"resolution must be an integer >= 8, not {self.resolution!r}")
+
+    @property
+    def native_size(self) -> int:
+        """The default image size: the trained resolution when known, else the releases' (768 for SD 2.x
+        v-prediction text-to-image, 512 for the rest)."""
+        if self.resolution:
+            return self.resolution
+        return 768 if self.family == "sd2" and self.prediction == "v" and self.task == "txt2img" else 512
 
     @property
     def task(self) -> str:

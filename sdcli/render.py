@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdcli import __version__, distributed
 from sdcli.batch import (
-    HIRES_STRENGTH, NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, default_size, done_keys, load_preset,
+    HIRES_STRENGTH, NAME, REQUEST_KEYS, UPSCALE_NAME, Job, Request, check_outputs, check_run, done_keys, load_preset,
     merge, plan, read_prompts, read_prompts_file, tiling,
 )
 from sdcli.errors import SdcliError
@@ -114,7 +114,11 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     sources = _check_images(task, requests)
     model_path = settings.get("model")
     if not model_path:
-        raise SdcliError("no model: pass --model/-m PATH or set SDCLI_MODEL")
+        model_path = demo_model()
+        if distributed.is_main():
+            Progress(quiet=opts.quiet).message(
+                "using the built-in demo model (64x64 coloured shapes, e.g. \"a large red circle on a blue background "
+                "in the top left\"); for real images pass --model/-m FILE.safetensors|FOLDER or set SDCLI_MODEL")
     if opts.as_json and any(r.output == "-" for r in requests):
         raise SdcliError("--json and -o - would both write to stdout: choose one")
     device = distributed.device_for_rank(pick_device(settings.get("device") or "auto"))
@@ -135,7 +139,7 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     requests = [_resolve(task, r, cfg) for r in requests]
 
     model_name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).resolve().name
-    native = default_size(cfg.family, cfg.prediction)
+    native = cfg.native_size
 
     def size(r: Request) -> tuple[int, int]:
         """The size the model renders at (the output's, but for --crop-to-mask and the hires fix)."""
@@ -214,6 +218,15 @@ def _plan_and_render(task: str, requests: list[Request], sources: dict, size, mo
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=precision, version=f"sdcli {__version__}")
     render(task, engine, jobs, sources, common, opts, console, total=total)
+
+
+def demo_model() -> str:
+    """The built-in demo model: a diffusers folder shipped inside the package (trained by scripts/train_demo.sh)."""
+    folder = Path(__file__).resolve().parent / "demo"
+    if not (folder / "model_index.json").is_file():
+        raise SdcliError(f"no model: the built-in demo model is missing from this install ({folder}); pass "
+                         "--model/-m PATH or set SDCLI_MODEL, or reinstall sdcli")
+    return str(folder)
 
 
 def _share(jobs: list[Job], rank: int, processes: int) -> list[Job]:
@@ -415,7 +428,7 @@ def render(task: str, engine, jobs: list[Job], sources: dict, common: dict, opts
                     written += 1
                     bar.advance()
                     if opts.as_json:
-                        print(json.dumps({"path": job.path, **record}), flush=True)
+                        print(json.dumps({"path": job.path, **record, "seconds": round(seconds, 3)}), flush=True)
                     console.message(f"{'stdout' if job.path == '-' else job.path}  seed {job.request.seed}  "
                                     f"{seconds:.1f} s", force=True)  # the seed is always printed
         except KeyboardInterrupt:

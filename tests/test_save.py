@@ -140,6 +140,13 @@ def model_of(kind, tiny):
     return random_model(**(X4 if kind == "x4" else dict(unet=dict(in_channels=9))))
 
 
+def assert_same_config(back, model):
+    """The same config, but that a diffusers folder records the default image size (its UNet's sample_size)
+    where a single file leaves it to the family's convention."""
+    assert replace(back.cfg, resolution=model.cfg.resolution) == model.cfg
+    assert back.cfg.native_size == model.cfg.native_size
+
+
 # --- diffusers folders ---------------------------------------------------------------------------
 
 
@@ -150,7 +157,7 @@ def test_diffusers_folder_round_trips_exactly_and_diffusers_agrees(tiny, tmp_pat
     save_diffusers(model, out)
 
     back = load_model(out)
-    assert back.cfg == model.cfg  # prediction, latent scale, schedules, heads, ...
+    assert_same_config(back, model)  # prediction, latent scale, schedules, heads, ...
     assert_same_tensors(back.state_dict(), model.state_dict())
     extra = {"low_res_scheduler/scheduler_config.json"} if kind == "x4" else set()
     assert set(snapshot(out)) == FOLDER_FILES | extra
@@ -176,7 +183,7 @@ def test_single_file_models_save_as_diffusers(tiny, tmp_path, kind):
     save_diffusers(model, tmp_path / "out")
     back = load_model(tmp_path / "out")
     if kind == "sd1":
-        assert back.cfg == model.cfg
+        assert_same_config(back, model)
         assert_same_tensors(back.state_dict(), model.state_dict())
         return
     assert replace(back.cfg, text=model.cfg.text) == model.cfg
@@ -200,7 +207,7 @@ def test_attention_heads_round_trip(tmp_path, heads):
     assert config["attention_head_dim"] == (4 if "num_heads" in heads else [2, 4])  # widths 32, 64
 
     back = load_model(tmp_path / "out")
-    assert back.cfg == model.cfg
+    assert_same_config(back, model)
     assert back.cfg.unet.heads(64) == model.cfg.unet.heads(64) == ((4, 16) if "num_heads" in heads else (4, 16))
     assert back.cfg.unet.heads(32) == model.cfg.unet.heads(32) == ((4, 8) if "num_heads" in heads else (2, 16))
     assert_same_tensors(back.state_dict(), model.state_dict())
@@ -219,7 +226,7 @@ def test_saved_weights_take_the_dtype_asked_for(tiny, tmp_path):
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert json.loads((tmp_path / "out" / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
     back = load_model(tmp_path / "out")
-    assert back.cfg == model.cfg
+    assert_same_config(back, model)
     assert_same_tensors(back.state_dict(), {k: v.half().float() for k, v in model.state_dict().items()})
 
 
@@ -234,7 +241,7 @@ def test_single_file_round_trips_and_diffusers_reads_it(tiny, tmp_path, kind):
     path = tmp_path / "model.safetensors"
     save_single_file(model, path, dtype=torch.float32)
     back = load_model(path)
-    assert back.cfg == model.cfg
+    assert_same_config(back, model)
     assert_same_tensors(back.state_dict(), model.state_dict())
     assert not temp_files(tmp_path)
 
@@ -264,7 +271,7 @@ def test_sd2_from_a_folder_stays_sd2_in_a_single_file(tiny, tmp_path):
 
     save_diffusers(back, tmp_path / "again")
     again = load_model(tmp_path / "again")
-    assert again.cfg == model.cfg
+    assert_same_config(again, model)
     assert_same_tensors(again.state_dict(), model.state_dict())
 
 

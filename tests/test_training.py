@@ -225,8 +225,10 @@ def test_vae_decoder_only_keeps_the_encoder(tiny, data, tmp_path):
     out = tmp_path / "ft"
     sdcli("train-vae", data, "--out", out, "--init", tiny("sd1").single_file, "--decoder-only", *FAST,
           "--resolution", 64, "--max-steps", 2, "--validation-images", 0, "--ema-decay", 0)
-    before, after = load_vae(tiny("sd1").single_file)[0].state_dict(), load_vae(out)[0].state_dict()
+    (vae_before, scale_before), (vae_after, scale_after) = load_vae(tiny("sd1").single_file), load_vae(out)
+    before, after = vae_before.state_dict(), vae_after.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert scale_after == scale_before  # the same latent space, so the same scale: a UNet trained on it still fits
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
 
 
@@ -379,6 +381,38 @@ def test_export_single_file_loads_in_diffusers(unet_run, tmp_path, run_cli):
     code, _, err = run_cli("generate", "a red circle", "-m", dst, "-W", 32, "-H", 32, "--steps", 2,
                            "-o", tmp_path / "x.png")
     assert code == 0, err
+
+
+def test_export_diffusers_folder_in_fp16_renders_at_the_trained_size(unet_run, tmp_path, run_cli):
+    """A train-unet folder, exported as an fp16 diffusers folder: the same weights rounded to fp16, read by
+    diffusers too, and rendered by default at the --resolution it was trained at (its UNet's sample_size)."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from sdcli.loading import load_model
+
+    dst = tmp_path / "exported"
+    code, _, err = run_cli("export", unet_run, dst)
+    assert code == 0, err
+    ours, exported = load_model(unet_run), load_model(dst, dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = ours.component(name).state_dict(), exported.component(name).state_dict()
+        assert all(torch.equal(a[k].half(), b[k]) for k in a if a[k].is_floating_point()), name
+    resolution = int(FAST[FAST.index("--resolution") + 1])
+    assert exported.cfg.resolution == ours.cfg.resolution == resolution
+    pipe = StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True, safety_checker=None)
+    assert pipe.unet.dtype == torch.float16 and pipe.unet.config.sample_size * pipe.vae_scale_factor == resolution
+    code, _, err = run_cli("generate", "a red circle", "-m", dst, "--steps", 2, "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "x.png").size == (resolution, resolution)
+    # an existing folder with files, a pickle name: refused before anything is loaded or written
+    for bad, message in ((dst, "exists: choose a new folder or pass --overwrite"),
+                         (tmp_path / "m.ckpt", "sdcli writes safetensors only")):
+        code, _, err = run_cli("export", unet_run, bad)
+        assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "m.ckpt").exists()
+    assert run_cli("export", unet_run, dst, "--overwrite", "--fp32")[0] == 0
+    assert load_model(dst).unet.state_dict()["out.2.weight"].dtype == torch.float32
 
 
 # --- torchrun ------------------------------------------------------------------------------------------

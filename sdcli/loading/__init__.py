@@ -433,6 +433,7 @@ def _diffusers_folder(path: Path) -> Checkpoint:
         latent_scale=float(scale),
         schedule=_from_config(lambda c, _: detect.schedule_from_diffusers(c), sched, configs["scheduler"]),
     )
+    cfg = replace(cfg, resolution=_trained_size(unet_json, cfg.vae.downsample_factor))
     if cfg.task == "upscale-x4":  # the low-res image's noise augmentation (see ModelConfig)
         low_res = path / "low_res_scheduler" / "scheduler_config.json"
         level = _read_json(path / "model_index.json").get("max_noise_level", 350)
@@ -466,6 +467,13 @@ def _diffusers_folder(path: Path) -> Checkpoint:
         ),
     }
     return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, _tokenizer_dir(path))
+
+
+def _trained_size(unet_json: dict, factor: int) -> int | None:
+    """The image size a diffusers folder was made for: diffusers renders at the UNet's sample_size times the
+    VAE's factor by default. None when the config does not say."""
+    size = unet_json.get("sample_size")
+    return max(8, size * factor) if type(size) is int and size > 0 else None
 
 
 def _diffusers_layout(names, cfg) -> Callable[[list[str]], Layout]:

@@ -129,7 +129,7 @@ def unet_config(cfg: ModelConfig) -> dict:
         "center_input_sample": False,
         "upcast_attention": False,
         "dropout": u.dropout,
-        "sample_size": _resolution(cfg) // cfg.vae.downsample_factor,
+        "sample_size": cfg.native_size // cfg.vae.downsample_factor,
     }
 
 
@@ -238,11 +238,6 @@ def _heads(u: UNetConfig) -> int | list[int]:
     if not u.head_dim:
         return u.num_heads
     return [max(w // u.head_dim, 1) for w in _widths(u)]
-
-
-def _resolution(cfg: ModelConfig) -> int:
-    """The releases' image size, for diffusers' default: 768 for SD 2.x v-prediction, else 512."""
-    return 768 if cfg.family == "sd2" and cfg.prediction == "v" and cfg.task == "txt2img" else 512
 
 
 def _check_vae(cfg: VAEConfig) -> None:

@@ -248,6 +248,8 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
         text_cfg = text_config(**{k: v for k, v in text_arch.items() if v is not None}) if init is None else None
         unet_cfg = unet_config(**{k: v for k, v in arch.items() if v is not None}) if init is None else None
         model, new_text = new_model(init, vae, objective.get("prediction"), unet_cfg, text_cfg, device)
+        if init is None:  # a new model renders at the size it learnt by default
+            model.cfg = replace(model.cfg, resolution=cfg.resolution)
         if new_text and not objective.get("train_text_encoder"):
             progress.message("note: the new text encoder is trained with the UNet (--train-text-encoder)", force=True)
             objective["train_text_encoder"] = True

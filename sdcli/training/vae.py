@@ -41,6 +41,7 @@ class AutoencoderNet(nn.Module):
 class VAETask:
     vae: nn.Module
     latent_scale: float  # written with the weights; re-estimated as 1 / std of the latents at every save
+                         # (kept with --decoder-only)
     cfg: TrainConfig
     objective: VAEObjective
     data: Dataset
@@ -107,13 +108,14 @@ class VAETask:
     def save_model(self, out: Path, step: int) -> None:
         from sdcli.loading.save import save_vae
 
-        # LDM's latent scale: 1 / std of the latents, so the UNet sees unit variance
-        sample = self.held_out + self.train_examples[:16]
-        self.vae.eval()
-        try:
-            self.latent_scale = round(1.0 / self._posterior_means(sample).std().item(), 5)
-        finally:
-            self.vae.train()
+        if not self.objective.decoder_only:  # a frozen encoder keeps its latent space, scale included
+            # LDM's latent scale: 1 / std of the latents, so the UNet sees unit variance
+            sample = self.held_out + self.train_examples[:16]
+            self.vae.eval()
+            try:
+                self.latent_scale = round(1.0 / self._posterior_means(sample).std().item(), 5)
+            finally:
+                self.vae.train()
         save_vae(self.vae, self.latent_scale, out)
 
     def validate(self, out: Path, step: int) -> dict[str, float]:
