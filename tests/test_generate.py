@@ -52,12 +52,13 @@ def test_generate_writes_png_with_parameters_and_json(model, run_cli):
     import hashlib
 
     assert rec["model_hash"] == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
-    assert json.loads(Image.open(path).text["sdcli"]) == {k: v for k, v in rec.items() if k != "path"}
+    assert rec["seconds"] > 0  # the JSON line adds the path and the render time to the stored record
+    assert json.loads(Image.open(path).text["sdcli"]) == {k: v for k, v in rec.items() if k not in ("path", "seconds")}
     # sdcli info IMAGE prints the parameters
     code, out, _ = run_cli("info", str(path))
     assert code == 0 and out.strip() == text
     code, out, _ = run_cli("info", str(path), "--json")
-    assert code == 0 and json.loads(out) == {k: v for k, v in rec.items() if k != "path"}
+    assert code == 0 and json.loads(out) == {k: v for k, v in rec.items() if k not in ("path", "seconds")}
 
 
 def test_random_seed_is_reported_and_stored(model, run_cli):
@@ -176,11 +177,17 @@ def test_user_errors_are_one_line_and_write_nothing(model, run_cli, args, messag
     assert set(os.listdir(".")) == before  # nothing written
 
 
-def test_missing_model_setting(run_cli, monkeypatch, tmp_path):
+def test_missing_model_setting_without_the_demo(run_cli, monkeypatch, tmp_path):
+    """No model given and the built-in demo missing (a broken install): one line that says what to do."""
+    import sdcli.render
+
     monkeypatch.delenv("SDCLI_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sdcli.render, "__file__", str(tmp_path / "render.py"))  # a package without demo/
     code, _, err = run_cli("generate", "x")
-    assert code == 2 and "pass --model/-m PATH or set SDCLI_MODEL" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "built-in demo model is missing" in err and "pass --model/-m PATH or set SDCLI_MODEL" in err
+    assert os.listdir(tmp_path) == []
 
 
 def test_vae_decode_redone_in_fp32_when_half_precision_overflows(tiny):
