@@ -354,6 +354,60 @@ def test_finetune_init_text_encoder_and_prediction(tiny, data, tmp_path):
         assert not torch.equal(base.unet.state_dict()["out.2.weight"], tuned.unet.state_dict()["out.2.weight"])
 
 
+def test_finetune_trains_at_the_models_size_by_default(tiny, data, tmp_path):
+    """Without --resolution, --init's model goes on at the size it was trained at (its folder's sample_size)."""
+    from sdcli.loading import load_model
+
+    size = load_model(tiny("sd1").folder).cfg.native_size
+    assert size != 256  # the default for a new model
+    out = tmp_path / "ft"
+    sdcli("train-unet", data, "--out", out, "--init", tiny("sd1").folder, *FAST[2:], "--max-steps", 1,
+          "--validation-steps", 1, "--ema-decay", 0)
+    assert checkpoint.load(checkpoint.path_for(out, 1))["config"]["train"]["resolution"] == size
+    assert Image.open(out / "samples" / "step-0000001.png").height == size
+
+
+def test_timestep_range(data, vae_run, tmp_path, monkeypatch, run_cli):
+    """--min-timestep/--max-timestep: every training sample's timestep lies in [min, max)."""
+    from sdcli.training.unet import DenoiserNet
+
+    seen, forward = [], DenoiserNet.forward
+    monkeypatch.setattr(DenoiserNet, "forward", lambda self, x_t, t, *a: seen.append(t) or forward(self, x_t, t, *a))
+    sdcli("train-unet", data, "--out", tmp_path / "hi", "--vae", vae_run, "--arch", "tiny", "--text-encoder-config",
+          "tiny", *FAST, "--max-steps", 3, "--validation-steps", 1, "--min-timestep", 990, "--max-timestep", 995)
+    t = torch.cat(seen)
+    assert len(t) == 12 and t.min() >= 990 and t.max() < 995 and len(t.unique()) > 1
+    code, _, err = run_cli("train-unet", data, "--out", tmp_path / "bad", "--vae", vae_run, *FAST,
+                           "--min-timestep", "500", "--max-timestep", "500")
+    assert code == 2 and "0 <= min < max <= 1000" in err
+
+
+def test_beta_end_sets_the_schedule_trained_on_and_saved(tiny, data, tmp_path, run_cli):
+    """--beta-end sets the noise schedule of the model the run writes (the one it trains on), which diffusers
+    reads back; an impossible value, a change on resume and a single-file export (which cannot record
+    the schedule) are one-line errors."""
+    from diffusers import DDPMScheduler
+
+    from sdcli.loading import load_model
+    from sdcli.sampling.schedules import alphas_cumprod
+
+    out = tmp_path / "ft"
+    args = ["train-unet", data, "--out", out, "--init", tiny("sd1").folder, *FAST, "--resolution", 64,
+            "--max-steps", 1, "--validation-steps", 1, "--ema-decay", 0]
+    sdcli(*args, "--beta-end", 0.02)
+    schedule = load_model(out).cfg.schedule
+    assert schedule.beta_end == 0.02
+    reference = DDPMScheduler.from_pretrained(out, subfolder="scheduler").alphas_cumprod.double()
+    assert torch.allclose(alphas_cumprod(schedule), reference, rtol=1e-5)
+    assert reference[-1] < 3e-4  # SD's 0.012 leaves 4.7e-3 of the signal's variance at the last step
+    code, _, err = run_cli("export", out, tmp_path / "m.safetensors")  # a single file cannot say beta_end
+    assert code == 2 and "export it to a folder" in err and not (tmp_path / "m.safetensors").exists()
+    code, _, err = run_cli(*args[:4], "--resume", "--beta-end", "0.03")
+    assert code == 2 and "--beta-end 0.03 differs from the resumed run's 0.02" in err
+    code, _, err = run_cli(*args[:2], "--out", tmp_path / "bad", *args[4:], "--beta-end", "0.0001")
+    assert code == 2 and "--beta-end 0.0001" in err and "beta_start < beta_end" in err and len(err.splitlines()) == 1
+
+
 # --- export --------------------------------------------------------------------------------------------
 
 

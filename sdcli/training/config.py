@@ -87,6 +87,8 @@ class DiffusionObjective:
     prediction: str = "eps"  # what the UNet learns to predict: the noise ("eps") or v = a*eps - s*x0 ("v")
     snr_gamma: float = 0.0  # Min-SNR loss weighting min(SNR, gamma) / SNR (v: / (SNR + 1)); 0 turns it off
     noise_offset: float = 0.0  # adds offset * N(0, 1) per image and channel to the noise (darker/brighter images)
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep) (kohya's options): a range of
+    max_timestep: int = 1000  # noise levels to train on alone, e.g. the high ones where the layout is decided
     caption_dropout: float = 0.1  # captions replaced by "" this often, so classifier-free guidance works
     train_text_encoder: bool = False
     cache_latents: bool = False  # encode the data set once with the (frozen) VAE
@@ -100,6 +102,10 @@ class DiffusionObjective:
         for name in ("snr_gamma", "noise_offset"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise SdcliError(f"--{_flag(name)} must be a non-negative number, not {getattr(self, name)}")
+        if not (type(self.min_timestep) is int and type(self.max_timestep) is int
+                and 0 <= self.min_timestep < self.max_timestep <= 1000):
+            raise SdcliError(f"--min-timestep and --max-timestep must satisfy 0 <= min < max <= 1000, not "
+                             f"{self.min_timestep} and {self.max_timestep}")
         if not 0 <= self.caption_dropout <= 1:
             raise SdcliError(f"--caption-dropout must be in [0, 1], not {self.caption_dropout}")
         if type(self.validation_steps) is not int or self.validation_steps < 1:

@@ -80,6 +80,8 @@ class UNetTask:
         from sdcli.sampling.schedules import alphas_cumprod
 
         self.abar = alphas_cumprod(m.cfg.schedule).float()
+        if obj.max_timestep > len(self.abar):
+            raise SdcliError(f"--max-timestep {obj.max_timestep}: this model has {len(self.abar)} timesteps")
         self.cache = self._encode_all() if obj.cache_latents else None
 
     # --- one micro-batch ---------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class UNetTask:
         # per sample, in a fixed order: caption dropout, crop and flip, posterior noise, timestep, noise
         captions = dropped_captions([ex.caption for ex in examples], gens, obj.caption_dropout)
         x0 = self._latents(indices, gens) * m.cfg.latent_scale  # [B, C, h, w]
-        t = torch.cat([torch.randint(0, len(self.abar), (1,), generator=g) for g in gens])
+        t = torch.cat([torch.randint(obj.min_timestep, obj.max_timestep, (1,), generator=g) for g in gens])
         eps = torch.stack([sample_noise(g, tuple(x0.shape[1:]), obj.noise_offset) for g in gens])
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         abar = self.abar.to(self.device)[t][:, None, None, None]
@@ -177,9 +179,20 @@ class UNetTask:
                 "model": asdict(self.model.cfg)}
 
 
-def new_model(init: str | None, vae: str | None, prediction: str | None, unet_cfg, text_cfg, device):
+def new_model(init: str | None, vae: str | None, prediction: str | None, beta_end: float | None, unet_cfg, text_cfg):
     """The model to train: --init's (with --vae's VAE if given), or a new UNet (and a new text encoder when
-    text_cfg is given) around --vae's VAE. -> (model, whether the text encoder is new)."""
+    text_cfg is given) around --vae's VAE; --prediction and --beta-end change either. -> (model, whether the text
+    encoder is new)."""
+    model, new_text = _base_model(init, vae, prediction, unet_cfg, text_cfg)
+    if beta_end is not None:
+        try:
+            model.cfg = replace(model.cfg, schedule=replace(model.cfg.schedule, beta_end=beta_end))
+        except ValueError as e:
+            raise SdcliError(f"--beta-end {beta_end}: {e}") from None
+    return model, new_text
+
+
+def _base_model(init: str | None, vae: str | None, prediction: str | None, unet_cfg, text_cfg):
     from sdcli.config import ModelConfig
     from sdcli.loading import load_model, load_vae
     from sdcli.models import StableDiffusion
@@ -215,7 +228,7 @@ def resumed_model(out: Path):
 
 
 def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_arch: dict, init: str | None,
-        vae: str | None, resume: bool, device_name: str, quiet: bool) -> Path:
+        vae: str | None, resume: bool, device_name: str, quiet: bool, beta_end: float | None = None) -> Path:
     """sdcli train-unet: fine-tune --init's model, or train a new UNet (arch: preset and flags) around --vae's
     VAE with a new text encoder (text_arch), or continue the run in --out."""
     from sdcli import distributed
@@ -232,7 +245,7 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     if state is not None:
         if state["config"].get("kind") != "unet":
             raise SdcliError(f"{out_path} holds a train-{state['config'].get('kind')} run, not a train-unet one")
-        common.check_sources(state, {"init": init, "vae": vae, **new_model_flags})
+        common.check_sources(state, {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags})
     elif init is not None:
         given = [k for k, v in new_model_flags.items() if v is not None]
         if given:
@@ -247,9 +260,11 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     else:
         text_cfg = text_config(**{k: v for k, v in text_arch.items() if v is not None}) if init is None else None
         unet_cfg = unet_config(**{k: v for k, v in arch.items() if v is not None}) if init is None else None
-        model, new_text = new_model(init, vae, objective.get("prediction"), unet_cfg, text_cfg, device)
+        model, new_text = new_model(init, vae, objective.get("prediction"), beta_end, unet_cfg, text_cfg)
         if init is None:  # a new model renders at the size it learnt by default
             model.cfg = replace(model.cfg, resolution=cfg.resolution)
+        elif train.get("resolution") is None:  # and a fine-tune goes on at that size
+            cfg = replace(cfg, resolution=model.cfg.native_size)
         if new_text and not objective.get("train_text_encoder"):
             progress.message("note: the new text encoder is trained with the UNet (--train-text-encoder)", force=True)
             objective["train_text_encoder"] = True
@@ -264,7 +279,7 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     if data.report():
         progress.message(data.report(), force=True)
     task = UNetTask(model, cfg, obj, data, device)
-    task.sources = common.sources(state, {"init": init, "vae": vae, **new_model_flags})
+    task.sources = common.sources(state, {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags})
     common.create(out_path)
     if state is None and distributed.is_main():  # the frozen parts now: a resume reads them from here
         save_diffusers(model, out_path)
