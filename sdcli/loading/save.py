@@ -91,6 +91,11 @@ def save_single_file(model, path: Path, *, dtype: torch.dtype = torch.float16, o
     if path.suffix.lower() != ".safetensors":
         raise SdcliError(f"a single-file model must end in .safetensors, not {path.name}: rename the output")
     _check_dtype(dtype)
+    schedule = model.cfg.schedule
+    if model.cfg.task == "txt2img" and schedule != NoiseSchedule():  # what loading a single file assumes
+        raise SdcliError(f"this model was trained on its own noise schedule ({schedule.beta_schedule} betas "
+                         f"{schedule.beta_start} to {schedule.beta_end}), which a single file cannot record: "
+                         "export it to a folder")
     check_output(path, overwrite)  # before converting the weights
     _write_tensors(path, _prepared(_single_file_state(model), dtype), overwrite=overwrite)
 

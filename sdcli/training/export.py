@@ -9,21 +9,18 @@ import torch
 
 from sdcli.errors import SdcliError
 
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
 
 def export(model_path: str, dst: str, raw: bool = False, fp32: bool = False, overwrite: bool = False) -> int:
     """Write the model (its saved weights: the EMA ones for a training run; with `raw`, the latest checkpoint's
     trained weights) to `dst`: one original-layout file if it ends in .safetensors, else a diffusers folder.
     Returns the bytes written."""
-    from sdcli.config import NoiseSchedule
     from sdcli.fileio import check_output
-    from sdcli.loading import load_model
+    from sdcli.loading import PICKLE_SUFFIXES, load_model
     from sdcli.loading.save import save_diffusers, save_single_file
 
     dst_path = Path(dst).expanduser()
     single = dst_path.suffix.lower() == ".safetensors"
-    if dst_path.suffix.lower() in _PICKLE_SUFFIXES:
+    if dst_path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdcliError(f"sdcli writes safetensors only: end OUT in .safetensors (one file) or give a folder "
                          f"(a diffusers model), not {dst_path.name}")
     if single:
@@ -32,10 +29,6 @@ def export(model_path: str, dst: str, raw: bool = False, fp32: bool = False, ove
         raise SdcliError(f"{dst_path} exists{' and is not a folder' if not dst_path.is_dir() else ''}: choose a new "
                          "folder" + (" or pass --overwrite" if dst_path.is_dir() else ""))
     model = load_model(model_path)
-    if single and model.cfg.task == "txt2img" and model.cfg.schedule != NoiseSchedule():
-        s = model.cfg.schedule
-        raise SdcliError(f"{model_path} was trained on its own noise schedule ({s.beta_schedule} betas "
-                         f"{s.beta_start} to {s.beta_end}), which a single file cannot record: export it to a folder")
     if raw:
         _load_raw(model, Path(model_path).expanduser())
     dtype = torch.float32 if fp32 else torch.float16

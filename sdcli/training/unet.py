@@ -179,20 +179,9 @@ class UNetTask:
                 "model": asdict(self.model.cfg)}
 
 
-def new_model(init: str | None, vae: str | None, prediction: str | None, beta_end: float | None, unet_cfg, text_cfg):
+def new_model(init: str | None, vae: str | None, prediction: str | None, unet_cfg, text_cfg):
     """The model to train: --init's (with --vae's VAE if given), or a new UNet (and a new text encoder when
-    text_cfg is given) around --vae's VAE; --prediction and --beta-end change either. -> (model, whether the text
-    encoder is new)."""
-    model, new_text = _base_model(init, vae, prediction, unet_cfg, text_cfg)
-    if beta_end is not None:
-        try:
-            model.cfg = replace(model.cfg, schedule=replace(model.cfg.schedule, beta_end=beta_end))
-        except ValueError as e:
-            raise SdcliError(f"--beta-end {beta_end}: {e}") from None
-    return model, new_text
-
-
-def _base_model(init: str | None, vae: str | None, prediction: str | None, unet_cfg, text_cfg):
+    text_cfg is given) around --vae's VAE. -> (model, whether the text encoder is new)."""
     from sdcli.config import ModelConfig
     from sdcli.loading import load_model, load_vae
     from sdcli.models import StableDiffusion
@@ -242,10 +231,11 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     new_model_flags = {**common.flags(arch, {"preset": "arch"}),
                        **common.flags(text_arch, {"preset": "text-encoder-config", "width": "text-width",
                                                   "layers": "text-layers"})}
+    given_sources = {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags}
     if state is not None:
         if state["config"].get("kind") != "unet":
             raise SdcliError(f"{out_path} holds a train-{state['config'].get('kind')} run, not a train-unet one")
-        common.check_sources(state, {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags})
+        common.check_sources(state, given_sources)
     elif init is not None:
         given = [k for k, v in new_model_flags.items() if v is not None]
         if given:
@@ -260,7 +250,12 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     else:
         text_cfg = text_config(**{k: v for k, v in text_arch.items() if v is not None}) if init is None else None
         unet_cfg = unet_config(**{k: v for k, v in arch.items() if v is not None}) if init is None else None
-        model, new_text = new_model(init, vae, objective.get("prediction"), beta_end, unet_cfg, text_cfg)
+        model, new_text = new_model(init, vae, objective.get("prediction"), unet_cfg, text_cfg)
+        if beta_end is not None:
+            try:
+                model.cfg = replace(model.cfg, schedule=replace(model.cfg.schedule, beta_end=beta_end))
+            except ValueError as e:
+                raise SdcliError(f"--beta-end {beta_end}: {e}") from None
         if init is None:  # a new model renders at the size it learnt by default
             model.cfg = replace(model.cfg, resolution=cfg.resolution)
         elif train.get("resolution") is None:  # and a fine-tune goes on at that size
@@ -279,7 +274,7 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     if data.report():
         progress.message(data.report(), force=True)
     task = UNetTask(model, cfg, obj, data, device)
-    task.sources = common.sources(state, {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags})
+    task.sources = common.sources(state, given_sources)
     common.create(out_path)
     if state is None and distributed.is_main():  # the frozen parts now: a resume reads them from here
         save_diffusers(model, out_path)

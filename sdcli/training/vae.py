@@ -40,8 +40,8 @@ class AutoencoderNet(nn.Module):
 @dataclass
 class VAETask:
     vae: nn.Module
-    latent_scale: float  # written with the weights; re-estimated as 1 / std of the latents at every save
-                         # (kept with --decoder-only)
+    latent_scale: float  # written with the weights; re-estimated as 1 / std of the latents at every save but
+    # with --decoder-only, whose frozen encoder keeps its latent space
     cfg: TrainConfig
     objective: VAEObjective
     data: Dataset
