@@ -80,10 +80,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sdcli.engine import Engine, Sampling, txt2img
+    from sdcli.engine import Engine, Sampling
     from sdcli.loading import load_model
     from sdcli.sampling import SAMPLERS
     from sdcli.runtime import keep_freed_memory
+    from sdcli.tasks.txt2img import txt2img
 
     model = load_model(args.model)
     engine = Engine(model, torch.device("cpu"))
@@ -92,7 +93,8 @@ def main() -> None:
     sampling = Sampling(args.steps, 7.0, args.sampler, SAMPLERS[args.sampler].schedule)
 
     def ours():
-        return txt2img(engine, prompt, negative, sampling, [seed], args.size, args.size)[0].numpy()
+        return txt2img(engine, prompt, sampling, [seed], width=args.size, height=args.size,
+                       negative_prompt=negative)[0].numpy()
 
     def theirs():
         image = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=7.0,

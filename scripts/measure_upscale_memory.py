@@ -24,6 +24,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 mode, size, tile, overlap, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
+from sdcli.conditioning import Conditioning
 from sdcli.config import NoiseSchedule, UNetConfig
 from sdcli.models.unet import UNetModel
 from sdcli.sampling import CFGDenoiser, Denoiser, DiscreteSigmas
@@ -34,7 +35,7 @@ unet = UNetModel(UNetConfig()).eval()
 denoiser = CFGDenoiser(Denoiser(unet, DiscreteSigmas(NoiseSchedule()), "eps"))
 model = TiledDenoiser(denoiser, tile // 8, overlap // 8) if mode == "tiled" else denoiser
 x = torch.randn(1, 4, size // 8, size // 8)
-cond, uncond = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
+cond, uncond = Conditioning(torch.randn(1, 77, 768)), Conditioning(torch.randn(1, 77, 768))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 with torch.inference_mode():
     t = time.perf_counter()

@@ -1,5 +1,5 @@
-"""What to render: requests from the command line, presets, prompts files and PNG metadata, planned into
-image jobs with seeds and output paths before any model is loaded (so a mistake costs nothing).
+"""What to render: requests (checked settings, from flags, presets, prompts files and PNG metadata), planned
+into image jobs with seeds and output paths before any model is loaded (so a mistake costs nothing).
 
 Precedence, lowest first: defaults < --from-image < --preset < command-line flags < a prompts-file line.
 """
@@ -13,13 +13,12 @@ import json
 import math
 import re
 import secrets
-import shlex
 import string
 import typing
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from sdcli.errors import SdcliError
 
@@ -74,14 +73,14 @@ REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 _TYPES = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
           for k, t in typing.get_type_hints(Request).items()}
 OPTIONAL_VALUES = {"crop_to_mask": "32"}  # options whose value may be left out: the value they then take
-_SHORT = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output", "-i": "image"}
+SHORT_OPTIONS = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output", "-i": "image"}
 
 
-def _key(name: str) -> str:
+def request_key(name: str) -> str:
     return name.lstrip("-").replace("-", "_")
 
 
-def _option(key: str) -> str:
+def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
@@ -94,10 +93,10 @@ def _coerce(key: str, value, where: str):
         words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
         if isinstance(value, bool) or str(value).lower() in words:
             return value if isinstance(value, bool) else words[str(value).lower()]
-        raise SdcliError(f"{prefix}{_option(key)} must be true or false, not {value!r}")
+        raise SdcliError(f"{prefix}{option_name(key)} must be true or false, not {value!r}")
     if kind is str:
         if not isinstance(value, str):
-            raise SdcliError(f"{prefix}{_option(key)} must be text, not {value!r}")
+            raise SdcliError(f"{prefix}{option_name(key)} must be text, not {value!r}")
         return value
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
@@ -108,7 +107,7 @@ def _coerce(key: str, value, where: str):
         return number
     except (TypeError, ValueError, OverflowError):
         word = "a whole number" if kind is int else "a number"
-        raise SdcliError(f"{prefix}{_option(key)} must be {word}, not {value!r}") from None
+        raise SdcliError(f"{prefix}{option_name(key)} must be {word}, not {value!r}") from None
 
 
 def validate(r: Request, where: str = "") -> Request:
@@ -159,7 +158,7 @@ def _validate(r: Request) -> None:
     for name in ("scale", "hires_scale"):
         value = getattr(r, name)
         if value is not None and not 1 <= value <= 16:
-            bad(f"{_option(name)} must be between 1 and 16, not {value:g}" + (" (sdcli upscales; it does not shrink)"
+            bad(f"{option_name(name)} must be between 1 and 16, not {value:g}" + (" (sdcli upscales; it does not shrink)"
                                                                           if value < 1 else ""))
     if r.hires_strength is not None and not 0 < r.hires_strength <= 1:
         bad(f"--hires-strength must be above 0 and at most 1, not {r.hires_strength}")
@@ -188,13 +187,13 @@ def merge(base: Request, settings: dict, where: str = "") -> Request:
     """`base` with `settings` (option names with - or _, values as text or typed) applied and checked."""
     changes = {}
     for name, value in settings.items():
-        key = _key(name)
+        key = request_key(name)
         if key in RUN_KEYS:
-            raise SdcliError(f"{where}: {_option(key)} applies to the whole run (the model is loaded once); "
+            raise SdcliError(f"{where}: {option_name(key)} applies to the whole run (the model is loaded once); "
                              "give it on the command line")
         if key not in REQUEST_KEYS:
-            raise SdcliError(f"{where}: unknown option {_option(key)}; options are "
-                             f"{', '.join(_option(k) for k in REQUEST_KEYS)}")
+            raise SdcliError(f"{where}: unknown option {option_name(key)}; options are "
+                             f"{', '.join(option_name(k) for k in REQUEST_KEYS)}")
         if value is None:  # JSON/YAML null: not set
             continue
         changes[key] = _coerce(key, value, where)
@@ -224,125 +223,6 @@ def check_run(settings: dict, where: str) -> dict:
     if settings.get("prediction") not in (None, "eps", "v"):
         raise SdcliError(f"{where}: prediction must be 'eps' or 'v', not {settings['prediction']!r}")
     return settings
-
-
-# --- presets ---------------------------------------------------------------------------------------
-
-def presets_dir() -> Path:
-    """The bundled presets: sdcli/presets/ when installed (pyproject maps presets/ there), else the top-level
-    presets/ of a source checkout (editable installs)."""
-    here = Path(__file__).resolve().parent
-    installed = here / "presets"
-    return installed if installed.is_dir() else here.parent / "presets"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
-
-
-def load_preset(name: str) -> tuple[dict, dict]:
-    """NAME or FILE -> (request settings, run settings); an unknown key is an error naming it."""
-    import yaml
-
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") or path.exists()):
-        path = presets_dir() / f"{name}.yaml"
-        if not path.is_file():
-            raise SdcliError(f"unknown preset {name!r}; bundled presets: {', '.join(preset_names())} "
-                             "(or give a .yaml file)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SdcliError(f"cannot read preset {path}: {e.strerror or e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SdcliError(f"preset {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SdcliError(f"preset {path} must be a mapping of option: value")
-    request, run = {}, {}
-    for name, value in data.items():
-        key = _key(str(name))
-        if key in RUN_KEYS:
-            run[key] = value
-        elif key in REQUEST_KEYS and key != "prompt":
-            request[key] = value
-        else:
-            raise SdcliError(f"preset {path}: unknown key {name!r}; keys are "
-                             f"{', '.join(k for k in REQUEST_KEYS + RUN_KEYS if k != 'prompt')}")
-    merge(Request(), request, f"preset {path}")  # check values now
-    return request, check_run(run, f"preset {path}")
-
-
-# --- prompts files -----------------------------------------------------------------------------------
-
-# Options start at the first " --name" (or a short -n/-W/-H/-o): "t-shirt -blurry" stays prompt text.
-_OPTIONS_START = re.compile(r"(?:^|\s)(--[A-Za-z]|-[nWHoi](?=[\s=]|$))")
-# Command-line options that cannot change from one line to the next.
-_RUN_ONLY = (*RUN_KEYS, "json", "quiet", "overwrite", "resume", "from_file", "from_image", "preset")
-
-
-def parse_prompt_line(line: str, where: str) -> dict:
-    """`a cat --seed 5 --steps 30`, or a JSON object -> settings (with "prompt")."""
-    if line.lstrip().startswith("{"):
-        try:
-            return json.loads(line)  # starts with "{": an object or an error
-        except json.JSONDecodeError as e:
-            raise SdcliError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    match = _OPTIONS_START.search(line)
-    text, rest = (line[: match.start(1)], line[match.start(1):]) if match else (line, "")
-    settings: dict = {"prompt": text.strip()} if text.strip() else {}
-    try:
-        words = shlex.split(rest)
-    except ValueError as e:
-        raise SdcliError(f"{where}: {e} in the options") from None
-    i = 0
-    while i < len(words):
-        word = words[i]
-        name, _, value = word.partition("=")
-        if not name.startswith("-"):
-            raise SdcliError(f"{where}: unexpected {word!r} after the options; put the prompt first "
-                             "or quote it with --prompt")
-        key = _SHORT.get(name, _key(name))
-        if key in _RUN_ONLY:
-            raise SdcliError(f"{where}: {_option(key)} applies to the whole run; give it on the command line")
-        if key == "prompt" and "prompt" in settings:
-            raise SdcliError(f"{where}: the line has a prompt and --prompt; give one of them")
-        if not value and "=" not in word:
-            if key in OPTIONAL_VALUES and not (i + 1 < len(words) and words[i + 1].isdigit()):
-                value = OPTIONAL_VALUES[key]  # its value left out
-            elif i + 1 == len(words):
-                raise SdcliError(f"{where}: {name} needs a value")
-            else:
-                i += 1
-                value = words[i]
-        settings[key] = value
-        i += 1
-    return settings
-
-
-def read_prompts(lines: Iterable[str], source: str, base: Request, need_prompt: bool = True) -> list[Request]:
-    requests = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        where = f"{source} line {n}"
-        request = merge(base, parse_prompt_line(line.rstrip("\r\n").lstrip("\ufeff"), where), where)
-        if need_prompt and not request.prompt.strip():
-            raise SdcliError(f"{where}: no prompt")
-        requests.append(request)
-    if not requests:
-        raise SdcliError(f"{source} has no prompts")
-    return requests
-
-
-def read_prompts_file(path: str, base: Request, need_prompt: bool = True) -> list[Request]:
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad starts UTF-8 files with a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e)
-        raise SdcliError(f"cannot read prompts file {path}: {reason}") from None
-    return read_prompts(text.splitlines(), path, base, need_prompt)
 
 
 # --- jobs: one image each ------------------------------------------------------------------------------

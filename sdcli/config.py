@@ -1,120 +1,21 @@
-"""Frozen configs that describe a model's architecture and how it is used.
+"""ModelConfig: a model's architecture and how it is used; the reference architectures of the releases.
 
-The module classes take the architecture configs (UNetConfig, VAEConfig, TextEncoderConfig);
-everything a pipeline needs beyond the tensors (latent scale, prediction type, noise schedule)
-lives in ModelConfig and never inside a module.
+The module classes take the architecture configs (UNetConfig, VAEConfig, TextEncoderConfig, from
+sdcli.architecture); everything a pipeline needs beyond the tensors (latent scale, prediction type,
+noise schedule) lives in ModelConfig and never inside a module. What a config's family implies (its
+task, display name, default size) comes from sdcli.families.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
+from sdcli.architecture import NoiseSchedule, TextEncoderConfig, UNetConfig, VAEConfig
+from sdcli.families import BASES, FAMILIES, SD1, SD2, Family, family_of
 
-def _check(cfg, minimum: dict[str, int] | None = None) -> None:
-    """Configs come from files: every int field (and every entry of an int tuple) must be an int of
-    at least its minimum (default 1), every tuple non-empty. Raises ValueError naming the field."""
-    minimum = minimum or {}
-    for f in fields(cfg):
-        value, least = getattr(cfg, f.name), minimum.get(f.name, 1)
-        if f.type == "int" and (type(value) is not int or value < least):
-            raise ValueError(f"{f.name} must be an integer >= {least}, not {value!r}")
-        if f.type.startswith("tuple") and (not isinstance(value, tuple) or not value):
-            raise ValueError(f"{f.name} must be a non-empty list, not {value!r}")
-        if f.type == "tuple[int, ...]" and any(type(v) is not int or v < least for v in value):
-            raise ValueError(f"{f.name} must hold integers >= {least}, not {value!r}")
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    in_channels: int = 4  # 4 text-to-image; 9 inpainting [latents, mask, masked latents]; 7 x4 upscaler
-    out_channels: int = 4
-    model_channels: int = 320  # width of level 0; level i is model_channels * channel_mult[i]
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2  # resnets per level going down (one more per level going up)
-    attention_levels: tuple[bool, ...] = (True, True, True, False)  # spatial transformer at level i
-    num_heads: int = 8  # used when head_dim == 0 (SD 1.x, x4 upscaler)
-    head_dim: int = 0  # SD 2.x: 64, heads = channels // 64
-    transformer_depth: int = 1  # transformer blocks per spatial transformer
-    context_dim: int = 768  # text-encoder width: 768 SD 1.x, 1024 SD 2.x
-    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
-    cross_attention_only: tuple[bool, ...] = (False, False, False, False)  # x4: attn1 attends to the text too
-    num_classes: int = 0  # x4 upscaler: 1000 noise-level embeddings (label_emb)
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        _check(self, {"head_dim": 0, "num_classes": 0})
-        n = len(self.channel_mult)
-        if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
-            raise ValueError("attention_levels and cross_attention_only need one entry per channel_mult level")
-
-    def heads(self, channels: int) -> tuple[int, int]:
-        """(heads, head dim) of a spatial transformer of this width."""
-        if self.head_dim:
-            return channels // self.head_dim, self.head_dim
-        return self.num_heads, channels // self.num_heads
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.model_channels * 4
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    ch: int = 128  # width of level 0
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # len(ch_mult) - 1 halvings: 4 levels = factor 8
-    num_res_blocks: int = 2
-    z_channels: int = 4  # channels between encoder/decoder and the quant convs
-    embed_dim: int = 4  # latent channels
-
-    def __post_init__(self):
-        _check(self)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    layout: str = "clip"  # "clip" (OpenAI CLIP, SD 1.x) or "openclip" (SD 2.x) in single files
-    vocab_size: int = 49408
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_width: int = 3072
-    max_positions: int = 77
-    activation: str = "quick_gelu"  # OpenCLIP ViT-H: "gelu"
-    skip_last_layers: int = 0  # SD 2.x conditions on the penultimate layer (then the final norm)
-    pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!"
-    projection_dim: int = 0  # OpenCLIP text_projection, kept only so single files round-trip
-
-    def __post_init__(self):
-        _check(self, {"skip_last_layers": 0, "projection_dim": 0})
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} does not split into {self.heads} heads")
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unsupported text encoder activation {self.activation!r}")
-        if self.skip_last_layers >= self.layers:
-            raise ValueError(f"cannot skip {self.skip_last_layers} of {self.layers} layers")
-
-
-@dataclass(frozen=True)
-class NoiseSchedule:
-    beta_schedule: str = "scaled_linear"  # betas = linspace(sqrt(start), sqrt(end), T) ** 2
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
-
-    def __post_init__(self):
-        _check(self)
-        if self.beta_schedule not in ("linear", "scaled_linear"):
-            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
-        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (self.beta_start, self.beta_end)) \
-                or not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"betas must satisfy 0 < beta_start < beta_end < 1, not {self.beta_start}, {self.beta_end}")
+__all__ = ["ARCHITECTURES", "ModelConfig", "NoiseSchedule", "SD1_TEXT", "SD2_TEXT", "SD2_UNET", "TextEncoderConfig",
+           "UNetConfig", "VAEConfig"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +23,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    family: str = "sd1"  # "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP text encoder
+    family: str = "sd1"  # the lineage, "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP (see `kind`)
     prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
     latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
     resolution: int | None = None  # px a side it was trained at (a diffusers folder's); None: see native_size
@@ -133,7 +34,7 @@ class ModelConfig:
     max_noise_level: int = 350
 
     def __post_init__(self):
-        if self.family not in ("sd1", "sd2") or self.prediction not in ("eps", "v"):
+        if self.family not in BASES or self.prediction not in ("eps", "v"):
             raise ValueError(f"unknown family {self.family!r} or prediction {self.prediction!r}")
         if not isinstance(self.latent_scale, float) or not math.isfinite(self.latent_scale) or self.latent_scale <= 0:
             raise ValueError(f"latent scale must be a positive number, not {self.latent_scale!r}")
@@ -141,47 +42,35 @@ class ModelConfig:
             raise ValueError(f"resolution must be an integer >= 8, not {self.resolution!r}")
 
     @property
+    def kind(self) -> Family:
+        """The model family this config is one of (sdcli.families): its lineage and its UNet's input channels."""
+        return family_of(self)
+
+    @property
     def native_size(self) -> int:
-        """The default image size: the trained resolution when known, else the releases' (768 for SD 2.x
+        """The default image size: the trained resolution when known, else the family's releases' (768 for SD 2.x
         v-prediction text-to-image, 512 for the rest)."""
-        if self.resolution:
-            return self.resolution
-        return 768 if self.family == "sd2" and self.prediction == "v" and self.task == "txt2img" else 512
+        return self.resolution or self.kind.native_size(self.prediction)
 
     @property
     def task(self) -> str:
-        """What the UNet's input channels say it is for."""
-        return {4: "txt2img", 9: "inpainting", 7: "upscale-x4", 8: "instruct-pix2pix"}.get(
-            self.unet.in_channels, f"{self.unet.in_channels}-channel"
-        )
+        """What the UNet's input channels say it is for: "txt2img", "inpainting", "upscale-x4", ..."""
+        return self.kind.task
 
     @property
     def variant(self) -> str:
-        name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.family]
-        return {"txt2img": name, "upscale-x4": "x4 upscaler"}.get(self.task, f"{name} {self.task}")
+        return self.kind.variant
+
+
+def reference_config(family: Family) -> ModelConfig:
+    """The full-size architecture of a family's releases, with their conventions."""
+    return ModelConfig(
+        unet=family.unet, vae=family.vae, text=family.text, family=family.lineage, prediction=family.prediction,
+        latent_scale=family.latent_scale, schedule=family.schedule, low_res_schedule=family.low_res_schedule,
+        max_noise_level=family.max_noise_level,
+    )
 
 
 # Full-size reference architectures (the released checkpoints), also used by tests on the meta device.
-SD1_TEXT = TextEncoderConfig()
-SD2_TEXT = TextEncoderConfig(
-    layout="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
-    skip_last_layers=1, pad_token="!", projection_dim=1024,
-)
-SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_projection=True)
-
-ARCHITECTURES: dict[str, ModelConfig] = {
-    "sd15": ModelConfig(),
-    "sd15-inpainting": ModelConfig(unet=replace(UNetConfig(), in_channels=9)),
-    "sd2-768-v": ModelConfig(unet=SD2_UNET, text=SD2_TEXT, family="sd2", prediction="v"),
-    "x4-upscaler": ModelConfig(
-        unet=UNetConfig(
-            in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4),
-            attention_levels=(False, True, True, True), num_heads=8, context_dim=1024,
-            use_linear_projection=True, cross_attention_only=(False, True, True, False), num_classes=1000,
-        ),
-        vae=VAEConfig(ch_mult=(1, 2, 4)),
-        text=SD2_TEXT, family="sd2", prediction="v", latent_scale=0.08333,
-        schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02),  # LDM's "linear" (sqrt-spaced betas)
-        low_res_schedule=NoiseSchedule("scaled_linear", 0.0001, 0.02),
-    ),
-}
+ARCHITECTURES: dict[str, ModelConfig] = {f.reference: reference_config(f) for f in FAMILIES.values() if f.reference}
+SD1_TEXT, SD2_TEXT, SD2_UNET = SD1.text, SD2.text, SD2.unet

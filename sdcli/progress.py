@@ -53,14 +53,14 @@ class Progress:
             self._bar.advance(self._batch_task)
 
     @contextlib.contextmanager
-    def image(self, label: str, steps: int) -> Iterator[Callable[[int], None] | None]:
-        """Yields the sampler's per-step callback."""
+    def image(self, label: str, steps: int) -> Iterator[Callable[[dict], None] | None]:
+        """Yields the sampler's per-step callback, which takes k-diffusion's dict (its "i": the step)."""
         if self._bar is None:
             yield None
             return
         task = self._bar.add_task(f"image {label}", total=steps)
         try:
-            yield lambda i: self._bar.update(task, completed=i + 1)
+            yield lambda step: self._bar.update(task, completed=step["i"] + 1)
         finally:
             self._bar.remove_task(task)
 

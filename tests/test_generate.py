@@ -402,7 +402,7 @@ def test_guidance_batched_or_not_gives_the_same_result(tiny):
     sigma = torch.tensor([3.0])
     long_cond, _ = engine.encode("a, " * 60, "", 1, 1.0)
     cond, uncond = engine.encode("a cat", "a dog", 1, 7.0)
-    assert long_cond.shape[1] == 154 and uncond.shape[1] == 77
+    assert long_cond.context.shape[1] == 154 and uncond.context.shape[1] == 77
     with torch.inference_mode():
         for c in (cond, long_cond):
             got = engine.denoiser(x, sigma, c, uncond, 7.0)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from sdcli.engine import Engine, Sampling, img2img, img2img_steps
+from sdcli.engine import Engine, Sampling, img2img_steps
 from sdcli.images import fit, to_tensor
 from sdcli.loading import load_model
+from sdcli.tasks.img2img import img2img
 from test_sampling import CASES, scheduler
 
 PROMPT, NEGATIVE, SEED = "a cat on a sofa", "a dog", 3
@@ -52,8 +53,8 @@ def test_matches_diffusers(setups, kind, sampler, schedule, strength):
     image = source_image()
     ref = pipe(PROMPT, image=image, strength=strength, num_inference_steps=20, guidance_scale=7.0,
                negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
-    ours = img2img(engine, to_tensor(image), PROMPT, NEGATIVE, Sampling(20, 7.0, sampler, schedule), strength,
-                   [SEED])[0].numpy()
+    ours = img2img(engine, to_tensor(image), PROMPT, Sampling(20, 7.0, sampler, schedule), [SEED], strength=strength,
+                   negative_prompt=NEGATIVE)[0].numpy()
     err = np.abs(np.round(ref * 255) - ours).max()  # the pixels each would save (diffusers rounds the same way)
     assert err <= 2.0, f"{sampler}/{schedule} on {kind} at strength {strength}: {err:.2f}/255"
 
@@ -69,7 +70,7 @@ def test_change_grows_with_strength(setups):
     decoded = engine.decode(engine.encode_image(image, engine.generators([1])))[0].numpy().astype(float)
 
     def change(strength):
-        out = img2img(engine, image, PROMPT, "", Sampling(20, 7.0, "euler", "normal"), strength, [1])
+        out = img2img(engine, image, PROMPT, Sampling(20, 7.0, "euler", "normal"), [1], strength=strength)
         return np.abs(out[0].numpy().astype(float) - decoded).mean()
 
     assert change(0.1) < change(0.5) < change(1.0)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdcli.engine import Engine, Sampling, inpaint
+from sdcli.engine import Engine, Sampling
 from sdcli.images import to_tensor
 from sdcli.loading import load_model
+from sdcli.tasks.inpaint import inpaint
 from test_img2img import source_image
 from test_sampling import CASES, scheduler
 
@@ -45,8 +46,8 @@ def test_nine_channel_model_matches_diffusers(nine, sampler, schedule, strength)
     ref = pipe("a cat", image=image, mask_image=Image.fromarray(mask), strength=strength, num_inference_steps=12,
                guidance_scale=7.0, height=64, width=64, generator=torch.Generator().manual_seed(5),
                output_type="np").images[0]
-    ours = inpaint(engine, to_tensor(image), torch.from_numpy(mask / 255.0).float()[None, None], "a cat", "",
-                   Sampling(12, 7.0, sampler, schedule), strength, [5])[0].numpy()
+    ours = inpaint(engine, to_tensor(image), torch.from_numpy(mask / 255.0).float()[None, None], "a cat",
+                   Sampling(12, 7.0, sampler, schedule), [5], strength=strength)[0].numpy()
     err = np.abs(np.round(ref * 255) - ours).max()
     assert err <= 2.0, f"{sampler} at strength {strength}: {err}/255"
 
@@ -90,13 +91,12 @@ def test_known_region_ends_at_the_original_latents(tiny, sampler):
     engine = Engine(load_model(tiny("sd1").single_file), torch.device("cpu"))
     s = Sampling(8, 7.0, sampler, "normal")
     cond, uncond = engine.encode("a cat", "", 1, 7.0)
-    generators = engine.generators([3])
-    x0 = engine.encode_image(to_tensor(source_image()), generators)  # [1, 4, 8, 8]
+    batch = engine.batch(s, [3])
+    x0 = engine.encode_image(to_tensor(source_image()), batch.generators)  # [1, 4, 8, 8]
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1
-    sigmas = engine.sigmas(s)
-    x = x0 + engine.noise(generators, (4, 8, 8)) * float(sigmas[0])
-    out = engine.denoise(x, sigmas, s, cond, uncond, generators, model=KnownRegion(engine.denoiser, x0, mask))
+    x = x0 + engine.noise(batch.generators, (4, 8, 8)) * float(batch.sigmas[0])
+    out = engine.denoise(x, batch, cond, uncond, model=KnownRegion(engine.denoiser, x0, mask))
     keep = mask.expand_as(x0) == 0
     assert torch.allclose(out[keep], x0[keep], atol=1e-4)
     assert (out[~keep] - x0[~keep]).abs().mean() > 0.1  # the masked part was generated

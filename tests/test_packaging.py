@@ -23,7 +23,7 @@ def test_wheel_ships_the_presets_and_the_demo_model_and_finds_them_installed(tmp
     shipped = sorted(p.name for p in (site / "sdcli" / "presets").glob("*.yaml"))
     assert shipped == sorted(p.name for p in (ROOT / "presets").glob("*.yaml")) and "fast.yaml" in shipped
     # the installed package, imported from that tree, looks in its own folder
-    code = "from sdcli.batch import presets_dir, preset_names; print(presets_dir()); print(preset_names())"
+    code = "from sdcli.prompts_file import presets_dir, preset_names; print(presets_dir()); print(preset_names())"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.splitlines()
     assert out[0] == str(site / "sdcli" / "presets")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdcli.engine import Engine, Sampling, txt2img
+from sdcli.engine import Engine, Sampling
 from sdcli.loading import load_model
 from sdcli.sampling import SAMPLERS, SCHEDULES, DiscreteSigmas
 from sdcli.sampling.samplers import _lms_coefficient
+from sdcli.tasks.txt2img import txt2img
 from sdcli.config import NoiseSchedule
 
 PROMPT, NEGATIVE, SEED, SIZE = "a photograph of an astronaut riding a horse", "blurry", 42, 64
@@ -67,7 +68,8 @@ def reference(pipe, steps: int) -> np.ndarray:
 
 
 def ours(engine: Engine, sampler: str, schedule: str, steps: int) -> np.ndarray:
-    return txt2img(engine, PROMPT, NEGATIVE, Sampling(steps, 7.0, sampler, schedule), [SEED], SIZE, SIZE)[0].numpy()
+    return txt2img(engine, PROMPT, Sampling(steps, 7.0, sampler, schedule), [SEED], width=SIZE, height=SIZE,
+                   negative_prompt=NEGATIVE)[0].numpy()
 
 
 STEPS = {"sd1": 20, "sd2": 13}  # 13: under 15, where diffusers' DPM-Solver switches to first order at the end
@@ -164,6 +166,7 @@ def test_sizes_that_are_not_multiples_of_64(setups):
     pipe.scheduler = scheduler(*CASES["euler", "normal"], "eps")
     ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.0, height=72, width=40,
                generator=torch.Generator().manual_seed(SEED), output_type="np").images[0] * 255
-    got = txt2img(engine, PROMPT, NEGATIVE, Sampling(4, 7.0, "euler", "normal"), [SEED], 40, 72)[0].numpy()
+    got = txt2img(engine, PROMPT, Sampling(4, 7.0, "euler", "normal"), [SEED], width=40, height=72,
+                  negative_prompt=NEGATIVE)[0].numpy()
     assert got.shape == (72, 40, 3)
     assert np.abs(ref - got).max() <= 2.0

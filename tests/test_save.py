@@ -411,3 +411,18 @@ def test_what_cannot_be_saved_is_refused_clearly(tiny, tmp_path):
     with pytest.raises(SdcliError, match="cannot create folder"):
         save_vae(model.vae, 0.18215, tmp_path / "file" / "vae-out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "inpaint", "x4"])
+def test_single_file_refuses_a_schedule_its_family_does_not_assume(tiny, tmp_path, kind):
+    """Loading a single file takes its family's schedule (the x4 upscaler's own, SD's for the rest): a model
+    trained on another cannot be written as one, and the family's own is written."""
+    model = load_model(tiny(kind).single_file)
+    family_schedule = model.cfg.schedule
+    model.cfg = replace(model.cfg, schedule=replace(family_schedule, beta_end=0.03))
+    with pytest.raises(SdcliError, match="its own noise schedule .* export it to a folder"):
+        save_single_file(model, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+    model.cfg = replace(model.cfg, schedule=family_schedule)
+    save_single_file(model, tmp_path / "model.safetensors")
+    assert load_model(tmp_path / "model.safetensors").cfg.schedule == family_schedule

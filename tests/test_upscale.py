@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sdcli.engine import Engine, Sampling, upscale_x4
+from sdcli.conditioning import Conditioning
+from sdcli.engine import Engine, Sampling
 from sdcli.images import lanczos, to_tensor
 from sdcli.loading import load_model
 from sdcli.sampling.denoisers import TiledDenoiser
+from sdcli.tasks.upscale import upscale_x4
 from test_img2img import source_image
 from test_sampling import CASES, scheduler
 
@@ -52,8 +54,8 @@ def test_x4_matches_diffusers(x4, sampler, schedule, noise_level, source):
     ref = pipe(PROMPT, image=image, num_inference_steps=10, guidance_scale=7.0, noise_level=noise_level,
                negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
     engine = Engine(load_model(getattr(tm, source)), torch.device("cpu"))
-    ours = upscale_x4(engine, to_tensor(image), PROMPT, NEGATIVE, Sampling(10, 7.0, sampler, schedule), noise_level,
-                      [SEED])[0].numpy()
+    ours = upscale_x4(engine, to_tensor(image), PROMPT, Sampling(10, 7.0, sampler, schedule), [SEED],
+                      noise_level=noise_level, negative_prompt=NEGATIVE)[0].numpy()
     assert ours.shape == (96, 128, 3)
     err = np.abs(np.round(ref * 255) - ours).max()
     assert err <= 2.0, f"{sampler}/{schedule} at noise level {noise_level}: {err:.2f}/255"
@@ -64,12 +66,12 @@ def test_tiled_denoiser_blends_to_the_untiled_result():
     sum to 1 and the per-pixel inputs are cut with x: a closed-form check of both."""
     calls = []
 
-    def pointwise(x, sigma, cond=None, concat=None, class_labels=None):
+    def pointwise(x, sigma, cond):
         calls.append(tuple(x.shape[-2:]))
-        return x * 0.5 + concat[:, :1] * sigma[:, None, None, None] + cond.mean()
+        return x * 0.5 + cond.concat[:, :1] * sigma[:, None, None, None] + cond.context.mean()
 
     x, concat = torch.randn(2, 4, 40, 56), torch.randn(2, 3, 40, 56)
-    kwargs = dict(cond=torch.randn(2, 7, 8), concat=concat, class_labels=torch.tensor([20, 20]))
+    kwargs = dict(cond=Conditioning(torch.randn(2, 7, 8), concat=concat, class_labels=torch.tensor([20, 20])))
     sigma = torch.tensor([1.5, 1.5])
     whole = pointwise(x, sigma, **kwargs)
     calls.clear()

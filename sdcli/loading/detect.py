@@ -10,6 +10,10 @@ from sdcli.errors import ModelLoadError
 Shapes = dict[str, tuple[int, ...]]  # keys relative to the component (prefix removed)
 
 
+class Unsupported(ValueError):
+    """Shapes that say an architecture sdcli cannot build; the message says why, for the file's error."""
+
+
 def _count(shapes: Shapes, pattern: str) -> int:
     """How many distinct indices N appear where `pattern` has {n}."""
     rx = re.compile("^" + re.escape(pattern).replace(r"\{n\}", r"(\d+)") + r"\.")
@@ -36,6 +40,10 @@ def unet_from_shapes(s: Shapes) -> UNetConfig:
     # Heads are not in the shapes. SD 2.x (linear projections) uses 64-wide heads; SD 1.x and the
     # x4 upscaler use 8 heads.
     head_dim = 64 if use_linear and not num_classes else 0
+    attended = [w for w, att in zip(widths, attention, strict=True) if att] + [widths[-1]]  # + the middle block
+    if head_dim and any(w % head_dim for w in attended):
+        raise Unsupported(f"the UNet's widths {widths} do not fit SD 2.x's {head_dim}-wide attention heads (its "
+                          "linear projections say SD 2.x): not a checkpoint sdcli can load")
     return UNetConfig(
         in_channels=s["input_blocks.0.0.weight"][1],
         out_channels=s["out.2.weight"][0],

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
+from sdcli import families
 from sdcli.config import ModelConfig, NoiseSchedule, UNetConfig, VAEConfig
 from sdcli.errors import SdcliError
 from sdcli.fileio import atomic_path, check_output
-from sdcli.loading import OPENCLIP, original_layout
 from sdcli.loading.keymaps import State, openclip_layout, rename_layout, unet_diffusers_name, vae_diffusers_name
+from sdcli.loading.single_file import OPENCLIP, original_layout
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
-# the pipeline class diffusers needs for a task; everything else is a StableDiffusionPipeline
-PIPELINES = {"inpainting": "StableDiffusionInpaintPipeline", "upscale-x4": "StableDiffusionUpscalePipeline"}
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 # The config format written (every key here exists by then). diffusers needs the field: it loads folders
 # stamped <= 0.5.1 with its legacy inpainting pipeline and resets a small sample_size stamped < 0.9.
@@ -68,7 +67,7 @@ def save_diffusers(
         _write_tokenizer(folder / "tokenizer", tokenizer)
     _mkdir(folder / "scheduler")
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(cfg.schedule, cfg.prediction))
-    if cfg.task == "upscale-x4":  # the schedule that noises the low-res image it is conditioned on
+    if cfg.kind.low_res_conditioned:  # the schedule that noises the low-res image it is conditioned on
         _mkdir(folder / "low_res_scheduler")
         _write_json(folder / "low_res_scheduler" / "scheduler_config.json",
                     low_res_scheduler_config(cfg.low_res_schedule or cfg.schedule))
@@ -92,7 +91,7 @@ def save_single_file(model, path: Path, *, dtype: torch.dtype = torch.float16, o
         raise SdcliError(f"a single-file model must end in .safetensors, not {path.name}: rename the output")
     _check_dtype(dtype)
     schedule = model.cfg.schedule
-    if model.cfg.task == "txt2img" and schedule != NoiseSchedule():  # what loading a single file assumes
+    if schedule != model.cfg.kind.schedule:  # what loading a single file assumes: its family's releases'
         raise SdcliError(f"this model was trained on its own noise schedule ({schedule.beta_schedule} betas "
                          f"{schedule.beta_start} to {schedule.beta_end}), which a single file cannot record: "
                          "export it to a folder")
@@ -205,7 +204,7 @@ def low_res_scheduler_config(schedule: NoiseSchedule) -> dict:
 
 def model_index(cfg: ModelConfig) -> dict:
     index = {
-        "_class_name": PIPELINES.get(cfg.task, "StableDiffusionPipeline"),
+        "_class_name": cfg.kind.pipeline,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -214,7 +213,7 @@ def model_index(cfg: ModelConfig) -> dict:
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
     }
-    if cfg.task == "upscale-x4":
+    if cfg.kind.low_res_conditioned:
         index.update(low_res_scheduler=["diffusers", "DDPMScheduler"], watermarker=[None, None],
                      max_noise_level=cfg.max_noise_level)
     else:
@@ -255,7 +254,7 @@ def _check_vae(cfg: VAEConfig) -> None:
 
 def _check_diffusers_text(cfg: ModelConfig) -> None:
     """A diffusers folder's text encoder says its family by its activation alone (gelu: SD 2.x's OpenCLIP)."""
-    if (cfg.text.activation == "gelu") != (cfg.family == "sd2"):
+    if families.lineage_of_activation(cfg.text.activation) != cfg.family:
         raise SdcliError(
             f"a {cfg.family} model with a {cfg.text.activation} text encoder cannot be told apart from the other "
             "family in a diffusers folder; save it with save_single_file instead"
@@ -290,7 +289,7 @@ def _single_file_state(model) -> State:
     penultimate layer; an SD 2.x model read from a diffusers folder lacks that unused last layer, so a copy
     of the layer before it stands in (no loader ever runs it)."""
     state, cfg = original_layout(model), model.cfg
-    if cfg.family != "sd2" or cfg.text.layout != "clip":
+    if families.BASES[cfg.family].text.layout != "openclip" or cfg.text.layout == "openclip":
         return state
     last = cfg.text.layers - 1
     text = model.text_encoder.state_dict()

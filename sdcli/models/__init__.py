@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from sdcli.config import ModelConfig
 from sdcli.models.text import TextEncoder
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
+
+if TYPE_CHECKING:
+    from sdcli.config import ModelConfig
 
 
 class DiffusionWrapper(nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdcli.config import TextEncoderConfig
+from sdcli.architecture import TextEncoderConfig
 from sdcli.errors import SdcliError
 
 BOS, EOS = 49406, 49407

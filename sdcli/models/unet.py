@@ -4,6 +4,8 @@ checkpoint loads with a prefix split (`model.diffusion_model.`) and a strict sha
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -65,7 +67,62 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclass(frozen=True)
+class Residuals:
+    """What a ControlNet adds inside the UNet: one tensor (or None) per input block, added to that block's
+    output as it is kept for the skip connection, and one added after the middle block (the LDM ControlNet's
+    and diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`)."""
+
+    input: tuple[torch.Tensor | None, ...]  # each [B, C_i, h_i, w_i], the shape of input block i's output
+    middle: torch.Tensor | None = None  # [B, C, h / 2^levels, w / 2^levels]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Residuals:
+        """fn applied to every residual (a batch expanded, a tile cut), None entries left None."""
+        return Residuals(tuple(None if t is None else fn(t) for t in self.input),
+                         None if self.middle is None else fn(self.middle))
+
+    @staticmethod
+    def cat(items: list[Residuals]) -> Residuals:
+        """Several images' residuals as one batch (cond and uncond for guidance): entry by entry."""
+        def join(ts):
+            return None if all(t is None for t in ts) else torch.cat(ts)
+
+        return Residuals(tuple(join(ts) for ts in zip(*(r.input for r in items), strict=True)),
+                         join([r.middle for r in items]))
+
+
+class StageCache(Protocol):
+    """Feature caching (DeepCache): the UNet hands every block to `run`, which either computes it, fn(*args),
+    or returns its output from an earlier step without calling fn. Names are the checkpoint's:
+    "input_blocks.<i>", "middle_block", "output_blocks.<i>"."""
+
+    def run(self, name: str, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor: ...
+
+
+class FeatureCache:
+    """A StageCache that records every block's output and, for the blocks named in `replay`, returns the one
+    recorded at the last step that computed it. DeepCache replays the deep blocks on the cheap steps: every
+    input block past the first few, the middle, and the output blocks before the last few."""
+
+    def __init__(self) -> None:
+        self.replay: frozenset[str] = frozenset()  # set by the caller before each UNet call
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def run(self, name: str, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        if name in self.replay and name in self.saved:
+            return self.saved[name]
+        out = self.saved[name] = fn(*args)
+        return out
+
+
+def _runner(cache: StageCache | None) -> Callable[..., torch.Tensor]:
+    return cache.run if cache is not None else lambda name, fn, *args: fn(*args)  # no cache: compute every block
+
+
 class UNetModel(nn.Module):
+    """forward = embed, encode (the input blocks), middle, decode (the output blocks), out: stages a caller
+    may also run alone (a ControlNet is embed, encode and middle of its own copy)."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -115,19 +172,55 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, class_labels: torch.Tensor | None = None,
+        *, control: Residuals | None = None, cache: StageCache | None = None,
     ) -> torch.Tensor:
-        """x [B, in_channels, h, w], timesteps [B], context [B, T, context_dim] -> [B, out_channels, h, w]."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        """x [B, in_channels, h, w], timesteps [B], context [B, T, context_dim] -> [B, out_channels, h, w].
+        The stages below, in order; `control` adds a ControlNet's residuals, `cache` may replay blocks."""
+        emb = self.embed(timesteps, class_labels, x.dtype)
+        h, skips = self.encode(x, emb, context, control, cache)
+        h = self.middle(h, emb, context, control, cache)
+        h = self.decode(h, skips, emb, context, cache)
+        return self.out(h)
+
+    def embed(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Time (and class-label) embedding: timesteps [B] -> [B, time_embed_dim]."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         if self.cfg.num_classes:
             emb = emb + self.label_emb(class_labels)
+        return emb
 
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, control: Residuals | None = None,
+               cache: StageCache | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The input blocks: x [B, in_channels, h, w] -> the deepest features and every block's output (the
+        skips, with control.input added; the features go on without them, as in ControlNet)."""
+        if control is not None and len(control.input) != len(self.input_blocks):
+            raise ValueError(f"control residuals: {len(control.input)} for the input blocks, but this UNet has "
+                             f"{len(self.input_blocks)}")
+        run, skips, h = _runner(cache), [], x
+        for i, block in enumerate(self.input_blocks):
+            h = run(f"input_blocks.{i}", block, h, emb, context)
+            residual = None if control is None else control.input[i]
+            skips.append(h if residual is None else h + residual)
+        return h, skips
+
+    def middle(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, control: Residuals | None = None,
+               cache: StageCache | None = None) -> torch.Tensor:
+        """The middle block, then control.middle added: [B, C, h', w'] -> the same shape."""
+        h = _runner(cache)("middle_block", self.middle_block, h, emb, context)
+        return h if control is None or control.middle is None else h + control.middle
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+               cache: StageCache | None = None) -> torch.Tensor:
+        """The output blocks, each on the features and the last skip left (encode's, deepest last):
+        -> [B, model_channels, h, w]."""
+        run, skips = _runner(cache), list(skips)
+        for i, block in enumerate(self.output_blocks):
+            size = skips[-2].shape[-2:] if len(skips) > 1 else None  # the upsampled side, odd sizes included
+            h = run(f"output_blocks.{i}", _with_skip, block, h, skips.pop(), emb, context, size)
+        return h
+
+
+def _with_skip(block: TimestepEmbedSequential, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
+               context: torch.Tensor, size) -> torch.Tensor:
+    return block(torch.cat([h, skip], dim=1), emb, context, size)  # inside the block's fn: a replay skips the cat

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.config import VAEConfig
+from sdcli.architecture import VAEConfig
 from sdcli.models.layers import Upsample
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sdcli.conditioning import Conditioning
 from sdcli.sampling.schedules import DiscreteSigmas
 from sdcli.tiling import tiles
 
@@ -23,16 +24,15 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prediction type {prediction!r}")
         self.unet, self.table, self.prediction = unet, table, prediction
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, concat: torch.Tensor | None = None,
-                **unet_kwargs) -> torch.Tensor:
-        # x: [B, C, h, w], sigma: [B], cond: [B, L, D]; concat: [B, C', h, w] extra UNet input channels
-        # (inpainting UNets: mask and masked-image latents), appended after the input scaling
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # x: [B, C, h, w], sigma: [B]; cond.concat [B, C', h, w]: extra UNet input channels (inpainting UNets:
+        # mask and masked-image latents), appended after the input scaling; the other parts go by keyword
         s = sigma.to(x.dtype)[:, None, None, None]
         t = self.table.sigma_to_t(sigma.cpu()).to(x.device, torch.float32)  # float64 table (MPS has no float64)
         inp = x / (s**2 + 1).sqrt()  # the UNet's unit-variance (VP) input
-        if concat is not None:
-            inp = torch.cat([inp, concat], dim=1)
-        out = self.unet(inp, t, cond, **unet_kwargs)
+        if cond.concat is not None:
+            inp = torch.cat([inp, cond.concat], dim=1)
+        out = self.unet(inp, t, **cond.unet_kwargs())
         s = s.to(out.dtype)
         if self.prediction == "eps":
             return x - s * out
@@ -50,19 +50,19 @@ class CFGDenoiser(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                cond_scale: float = 1.0, **kwargs) -> torch.Tensor:
-        """kwargs: per-image tensors for the denoiser (concat, class_labels), doubled with x when batched."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, uncond: Conditioning | None = None,
+                cond_scale: float = 1.0) -> torch.Tensor:
+        """uncond: the negative prompt's parts; the per-image parts (concat, class_labels, control) are cond's."""
         if uncond is None or cond_scale == 1:  # the conditional prediction alone
-            return self.denoiser(x, sigma, cond, **kwargs)
-        if uncond.shape[1] == cond.shape[1]:
-            # [2B, ...]: unconditional first, as diffusers batches them
-            doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]), **doubled)
+            return self.denoiser(x, sigma, cond)
+        uncond = uncond.with_image_parts(cond)
+        if uncond.context.shape[1] == cond.context.shape[1]:
+            # [2B, ...] part by part: unconditional first, as diffusers batches them
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([uncond, cond]))
             uncond_out, cond_out = both.chunk(2)
         else:  # prompts of different lengths (in 77-token chunks): two passes, as A1111 does by default
-            uncond_out = self.denoiser(x, sigma, uncond, **kwargs)
-            cond_out = self.denoiser(x, sigma, cond, **kwargs)
+            uncond_out = self.denoiser(x, sigma, uncond)
+            cond_out = self.denoiser(x, sigma, cond)
         return uncond_out + (cond_out - uncond_out) * cond_scale
 
 
@@ -93,12 +93,12 @@ class TiledDenoiser(nn.Module):
         rows, cols = tiles(h, self.tile, self.overlap, 1), tiles(w, self.tile, self.overlap, 1)
         if len(rows) == len(cols) == 1:
             return self.denoiser(x, sigma, **kwargs)
-        # per-pixel inputs ([B, C', h, w]: the inpainting and upscaler concat) are cut with x
-        spatial = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.ndim == 4 and v.shape[-2:] == (h, w)}
+        # the records' per-pixel parts ([B, C', h, w]: the inpainting and upscaler concat) are cut with x
         out = torch.zeros_like(x)
         for y0, y1, wy in rows:
             for x0, x1, wx in cols:
-                part = {k: v[..., y0:y1, x0:x1] if k in spatial else v for k, v in kwargs.items()}
+                cut = (slice(y0, y1), slice(x0, x1))
+                part = {k: v.crop((h, w), *cut) if isinstance(v, Conditioning) else v for k, v in kwargs.items()}
                 denoised = self.denoiser(x[..., y0:y1, x0:x1], sigma, **part)  # [B, C, y1-y0, x1-x0]
                 weight = (wy[:, None] * wx[None, :]).to(denoised)
                 out[..., y0:y1, x0:x1].addcmul_(denoised, weight)

@@ -3,6 +3,9 @@
 
 `sigmas` [n + 1] is a decreasing sequence from `schedules`; x starts as noise at sigmas[0] and is
 returned at sigmas[-1]. `noise(sigma, sigma_next)` draws fresh noise for the stochastic samplers.
+Once per step, after the step's (first) model call and before x moves on, `callback` gets k-diffusion's dict
+{"i": step, "sigma": sigmas[i], "sigma_hat": the level the model saw (sigma: no churn here), "x": the latents
+at that level, "denoised": the model's prediction}: enough for previews and step-scheduled features.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable
 import torch
 
 Model = Callable[..., torch.Tensor]
-Callback = Callable[[int], None] | None
+Callback = Callable[[dict], None] | None
 NoiseSampler = Callable[[float, float], torch.Tensor]
 
 
@@ -30,15 +33,19 @@ def _floats(sigmas: torch.Tensor) -> list[float]:
     return [float(s) for s in sigmas]  # python floats: exact step sizes, no device syncs in the loop
 
 
+def _report(callback: Callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    if callback:
+        callback({"i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "x": x, "denoised": denoised})
+
+
 @torch.no_grad()
 def sample_euler(model: Model, x, sigmas, extra_args=None, callback: Callback = None, noise=None):
     """Euler's method. On the `ddim` schedule this is exactly deterministic DDIM (eta = 0)."""
     s = _floats(sigmas)
     for i in range(len(s) - 1):
-        d = _derivative(x, _run(model, x, s[i], extra_args), s[i])
-        x = x + d * (s[i + 1] - s[i])
-        if callback:
-            callback(i)
+        denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
+        x = x + _derivative(x, denoised, s[i]) * (s[i + 1] - s[i])
     return x
 
 
@@ -56,14 +63,13 @@ def sample_euler_ancestral(model: Model, x, sigmas, extra_args=None, callback: C
     """Euler ancestral: an Euler step down, then new noise back up to the next level."""
     s = _floats(sigmas)
     for i in range(len(s) - 1):
-        d = _derivative(x, _run(model, x, s[i], extra_args), s[i])
+        denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
         down, up = _ancestral_step(s[i], s[i + 1])
-        x = x + d * (down - s[i])
+        x = x + _derivative(x, denoised, s[i]) * (down - s[i])
         fresh = noise(s[i], s[i + 1])  # drawn every step, as diffusers does, so the streams line up
         if up:
             x = x + fresh * up
-        if callback:
-            callback(i)
     return x
 
 
@@ -73,16 +79,15 @@ def sample_heun(model: Model, x, sigmas, extra_args=None, callback: Callback = N
     step to sigma 0."""
     s = _floats(sigmas)
     for i in range(len(s) - 1):
-        d = _derivative(x, _run(model, x, s[i], extra_args), s[i])
-        dt = s[i + 1] - s[i]
+        denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
+        d, dt = _derivative(x, denoised, s[i]), s[i + 1] - s[i]
         if s[i + 1] == 0:
             x = x + d * dt
         else:
             x_next = x + d * dt
             d_next = _derivative(x_next, _run(model, x_next, s[i + 1], extra_args), s[i + 1])
             x = x + (d + d_next) / 2 * dt
-        if callback:
-            callback(i)
     return x
 
 
@@ -107,11 +112,11 @@ def sample_lms(model: Model, x, sigmas, extra_args=None, callback: Callback = No
     s = _floats(sigmas)
     ds: list[torch.Tensor] = []
     for i in range(len(s) - 1):
-        ds = [*ds, _derivative(x, _run(model, x, s[i], extra_args), s[i])][-order:]
+        denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
+        ds = [*ds, _derivative(x, denoised, s[i])][-order:]
         cur = min(i + 1, order)
         x = x + sum(_lms_coefficient(s, i, cur, j) * ds[-1 - j] for j in range(cur))
-        if callback:
-            callback(i)
     return x
 
 
@@ -127,6 +132,7 @@ def sample_dpmpp_2m(model: Model, x, sigmas, extra_args=None, callback: Callback
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
         h = _log_sigma_step(s[i], s[i + 1])
         if old_denoised is None or s[i + 1] == 0:  # first order for the first and the final step
             d = denoised
@@ -135,8 +141,6 @@ def sample_dpmpp_2m(model: Model, x, sigmas, extra_args=None, callback: Callback
             d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
         x = x * (s[i + 1] / s[i]) - d * math.expm1(-h)
         old_denoised, h_last = denoised, h
-        if callback:
-            callback(i)
     return x
 
 
@@ -148,6 +152,7 @@ def sample_dpmpp_2m_sde(model: Model, x, sigmas, extra_args=None, callback: Call
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
         fresh = noise(s[i], s[i + 1])  # drawn every step, as diffusers does
         if s[i + 1] == 0:
             x = denoised
@@ -161,8 +166,6 @@ def sample_dpmpp_2m_sde(model: Model, x, sigmas, extra_args=None, callback: Call
             x = x + fresh * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)))
             h_last = h
         old_denoised = denoised
-        if callback:
-            callback(i)
     return x
 
 
@@ -173,8 +176,9 @@ def sample_plms(model: Model, x, sigmas, extra_args=None, callback: Callback = N
     s = _floats(sigmas)
     history: list[torch.Tensor] = []
     for i in range(len(s) - 1):
-        d = _derivative(x, _run(model, x, s[i], extra_args), s[i])
-        dt = s[i + 1] - s[i]
+        denoised = _run(model, x, s[i], extra_args)
+        _report(callback, i, sigmas, x, denoised)
+        d, dt = _derivative(x, denoised, s[i]), s[i + 1] - s[i]
         if not history:  # Heun start: average with the derivative at the Euler prediction
             x_next = x + d * dt
             d_next = _derivative(x_next, _run(model, x_next, s[i + 1], extra_args), s[i + 1])
@@ -190,6 +194,4 @@ def sample_plms(model: Model, x, sigmas, extra_args=None, callback: Callback = N
             else:
                 d = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
             x = x + d * dt
-        if callback:
-            callback(i)
     return x

@@ -1,25 +1,80 @@
-"""What both trainers do around the loop: the output folder, the device and processes, resuming, grids."""
+"""What both trainers do around the loop: the run's start and end (Session), its folder, device and resume, grids."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from sdcli import distributed
 from sdcli.errors import SdcliError
-from sdcli.training import checkpoint
-from sdcli.training.config import RESUMABLE_CHANGES, from_dict
+from sdcli.progress import Progress
+from sdcli.training import checkpoint, loop
+from sdcli.training.config import RESUMABLE_CHANGES, TrainConfig, from_dict
+from sdcli.training.data import Dataset, scan
 
 # What makes a folder a training run's output (a plain folder of other files may be reused).
 _RUN_FILES = ("checkpoints", "model_index.json", "vae", "metrics.jsonl")
 
 
-def start(out: str | Path, resume: bool, device_name: str) -> tuple[Path, torch.device, dict | None]:
+@dataclass(frozen=True)
+class Session:
+    """A training run as both trainers set it up and end it: its folder, this process's device, the checkpoint
+    it resumes (None: a new run), its messages, and the options given that make its model (see check_sources)."""
+
+    out: Path
+    device: torch.device
+    state: dict | None
+    progress: Progress
+    given: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> dict[str, object]:
+        """The options that made the run's model, stored in checkpoints for check_sources: the resumed run's,
+        or those given to a new run."""
+        if self.state is not None:
+            return self.state["config"].get("sources", {})
+        return {k: v for k, v in self.given.items() if v is not None}
+
+    def config(self, options: dict) -> TrainConfig:
+        """The run's TrainConfig from the options given (--mixed-precision auto resolved for the device)."""
+        options["mixed_precision"] = mixed_precision(options.get("mixed_precision"), self.device)
+        return configure(TrainConfig, options, self.state, "train")
+
+    def load_data(self, data_dir: str, captions: bool, strict: bool) -> Dataset:
+        """The data set, with a note of what was skipped."""
+        data = scan(data_dir, captions=captions, strict=strict)
+        if data.report():
+            self.progress.message(data.report(), force=True)
+        return data
+
+    def train(self, task: loop.Task, cfg: TrainConfig, what: str, done: str,
+              save_frozen: Callable[[], None] | None = None) -> Path:
+        """Make the output folder, write the parts that are not trained (save_frozen, once, in a new run: a
+        resume reads them back), say what is trained, run the loop (the process group is left at the end),
+        then say where the result is."""
+        create(self.out)
+        if save_frozen is not None:
+            if self.state is None and distributed.is_main():
+                save_frozen()
+            distributed.barrier()
+        self.progress.message(f"{what}, from step {self.state['step'] if self.state else 0}")
+        try:
+            loop.train(task, cfg, self.out, self.device, self.state, self.progress)
+        finally:
+            distributed.cleanup()
+        self.progress.message(f"done: {done}", force=True)
+        return self.out
+
+
+def start(kind: str, out: str | Path, resume: bool, device_name: str, given: dict[str, object],
+          quiet: bool) -> Session:
     """Check the output folder (made later by create()), join the other processes under torchrun, pick this
-    process's device, and read the checkpoint to resume from -> (out, device, checkpoint or None)."""
+    process's device, and read the checkpoint to resume from: a train-`kind` run's, made from the same
+    `given` options (check_sources)."""
     from sdcli.engine import pick_device
     from sdcli.fileio import probe_folder
 
@@ -39,7 +94,11 @@ def start(out: str | Path, resume: bool, device_name: str) -> tuple[Path, torch.
         raise SdcliError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     else:
         probe_folder(out)
-    return out, device, state
+    if state is not None:
+        if state["config"].get("kind") != kind:
+            raise SdcliError(f"{out} holds a train-{state['config'].get('kind')} run, not a train-{kind} one")
+        check_sources(state, given)
+    return Session(out, device, state, Progress(quiet or not distributed.is_main()), given)
 
 
 def create(out: Path) -> None:
@@ -76,16 +135,6 @@ def mixed_precision(name: str | None, device: torch.device) -> str | None:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def run(task, cfg, out: Path, device: torch.device, state: dict | None, progress) -> None:
-    """The loop, then where the result is; the process group is left at the end."""
-    from sdcli.training.loop import train
-
-    try:
-        train(task, cfg, out, device, state, progress)
-    finally:
-        distributed.cleanup()
-
-
 def check_sources(state: dict, given: dict[str, object]) -> None:
     """The options that made the run's model ({flag: value}: --init, --vae, --arch, ...) may be given again
     on resume (the same command plus --resume), but not changed: the run continues its own model."""
@@ -94,14 +143,6 @@ def check_sources(state: dict, given: dict[str, object]) -> None:
         if value is not None and stored.get(flag) != value:
             raise SdcliError(f"--{flag} {value} differs from the resumed run's {stored.get(flag)}: a resumed run "
                              "continues its own model; drop the option or start a new --out")
-
-
-def sources(state: dict | None, given: dict[str, object]) -> dict[str, object]:
-    """The options that made the run's model, stored in checkpoints for check_sources: the resumed run's, or
-    those given to a new run."""
-    if state is not None:
-        return state["config"].get("sources", {})
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def flags(options: dict, names: dict[str, str]) -> dict[str, object]:

@@ -159,7 +159,8 @@ class UNetTask:
 
     def validate(self, out: Path, step: int) -> dict[str, float]:
         """A row of images for the validation prompts (or the first captions), one seed each."""
-        from sdcli.engine import Engine, Sampling, txt2img
+        from sdcli.engine import Engine, Sampling
+        from sdcli.tasks.txt2img import txt2img
 
         obj = self.objective
         prompts = list(obj.validation_prompts) or [ex.caption for ex in self.data.examples[:4]]
@@ -167,8 +168,8 @@ class UNetTask:
         s = Sampling(obj.validation_steps, obj.validation_cfg, "dpm++2m", "karras")
         self.model.eval()
         try:
-            images = torch.cat([txt2img(engine, p, "", s, [self.cfg.seed + i], self.cfg.resolution,
-                                        self.cfg.resolution) for i, p in enumerate(prompts)])
+            images = torch.cat([txt2img(engine, p, s, [self.cfg.seed + i], width=self.cfg.resolution,
+                                        height=self.cfg.resolution) for i, p in enumerate(prompts)])
         finally:
             self.net.train()
         common.save_grid(images, out / "samples" / f"step-{step:07d}.png", columns=min(len(prompts), 8))
@@ -220,33 +221,25 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
         vae: str | None, resume: bool, device_name: str, quiet: bool, beta_end: float | None = None) -> Path:
     """sdcli train-unet: fine-tune --init's model, or train a new UNet (arch: preset and flags) around --vae's
     VAE with a new text encoder (text_arch), or continue the run in --out."""
-    from sdcli import distributed
     from sdcli.loading.save import save_diffusers
-    from sdcli.progress import Progress
     from sdcli.training.config import text_config, unet_config
-    from sdcli.training.data import scan
 
-    out_path, device, state = common.start(out, resume, device_name)
-    new_text = False
     new_model_flags = {**common.flags(arch, {"preset": "arch"}),
                        **common.flags(text_arch, {"preset": "text-encoder-config", "width": "text-width",
                                                   "layers": "text-layers"})}
-    given_sources = {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags}
-    if state is not None:
-        if state["config"].get("kind") != "unet":
-            raise SdcliError(f"{out_path} holds a train-{state['config'].get('kind')} run, not a train-unet one")
-        common.check_sources(state, given_sources)
-    elif init is not None:
+    session = common.start("unet", out, resume, device_name,
+                           {"init": init, "vae": vae, "beta-end": beta_end, **new_model_flags}, quiet)
+    state, progress = session.state, session.progress
+    if state is None and init is not None:
         given = [k for k, v in new_model_flags.items() if v is not None]
         if given:
             raise SdcliError(f"--{given[0]} describes a new model; --init fine-tunes a model whose architecture is "
                              "given: drop one of them")
-    train["mixed_precision"] = common.mixed_precision(train.get("mixed_precision"), device)
-    cfg = common.configure(TrainConfig, train, state, "train")
-    progress = Progress(quiet or not distributed.is_main())
+    cfg = session.config(train)
     torch.manual_seed(cfg.seed)  # the same new weights in every run and every process
+    new_text = False
     if state is not None:
-        model = resumed_model(out_path)
+        model = resumed_model(session.out)
     else:
         text_cfg = text_config(**{k: v for k, v in text_arch.items() if v is not None}) if init is None else None
         unet_cfg = unet_config(**{k: v for k, v in arch.items() if v is not None}) if init is None else None
@@ -270,19 +263,11 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, text_
     if cfg.resolution % (8 * f):
         raise SdcliError(f"--resolution {cfg.resolution} must be a multiple of {8 * f} for this model "
                          f"(its VAE shrinks images {f}x)")
-    data = scan(data_dir, captions=True, strict=cfg.strict)
-    if data.report():
-        progress.message(data.report(), force=True)
-    task = UNetTask(model, cfg, obj, data, device)
-    task.sources = common.sources(state, given_sources)
-    common.create(out_path)
-    if state is None and distributed.is_main():  # the frozen parts now: a resume reads them from here
-        save_diffusers(model, out_path)
-    distributed.barrier()
+    data = session.load_data(data_dir, captions=True, strict=cfg.strict)
+    task = UNetTask(model, cfg, obj, data, session.device, session.sources)
     trained = sum(p.numel() for p in task.net.parameters() if p.requires_grad)
-    progress.message(f"training {'the UNet and text encoder' if obj.train_text_encoder else 'the UNet'} "
-                     f"({trained / 1e6:.2f}M parameters, {obj.prediction}-prediction) on {len(data)} images, from "
-                     f"step {state['step'] if state else 0}")
-    common.run(task, cfg, out_path, device, state, progress)
-    progress.message(f"done: the model is {out_path}; try sdcli generate --model {out_path} \"a prompt\"", force=True)
-    return out_path
+    what = (f"training {'the UNet and text encoder' if obj.train_text_encoder else 'the UNet'} "
+            f"({trained / 1e6:.2f}M parameters, {obj.prediction}-prediction) on {len(data)} images")
+    # the frozen parts are written once, up front: a resume reads them from the run's folder
+    return session.train(task, cfg, what, done=f"the model is {session.out}; try sdcli generate --model "
+                         f"{session.out} \"a prompt\"", save_frozen=lambda: save_diffusers(model, session.out))

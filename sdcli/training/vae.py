@@ -142,30 +142,21 @@ class VAETask:
 def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, init: str | None, resume: bool,
         device_name: str, quiet: bool) -> Path:
     """sdcli train-vae: a new autoencoder (arch: preset and flags), --init's, or the resumed run's."""
-    from sdcli import distributed
     from sdcli.loading import load_vae
     from sdcli.models.vae import AutoencoderKL
-    from sdcli.progress import Progress
     from sdcli.training.config import vae_config
-    from sdcli.training.data import scan
 
-    out_path, device, state = common.start(out, resume, device_name)
-    if state is not None:
-        if state["config"].get("kind") != "vae":
-            raise SdcliError(f"{out_path} holds a train-{state['config'].get('kind')} run, not a train-vae one")
-        common.check_sources(state, {"init": init, **common.flags(arch, {"preset": "arch"})})
-    train["mixed_precision"] = common.mixed_precision(train.get("mixed_precision"), device)
-    cfg = common.configure(TrainConfig, train, state, "train")
+    new_vae_flags = common.flags(arch, {"preset": "arch"})
+    session = common.start("vae", out, resume, device_name, {"init": init, **new_vae_flags}, quiet)
+    state = session.state
+    cfg = session.config(train)
     obj = common.configure(VAEObjective, objective, state, "objective")
-    progress = Progress(quiet or not distributed.is_main())
-    data = scan(data_dir, captions=False, strict=cfg.strict)
-    if data.report():
-        progress.message(data.report(), force=True)
+    data = session.load_data(data_dir, captions=False, strict=cfg.strict)
     torch.manual_seed(cfg.seed)  # the same new weights in every run and every process
     if state is not None:
-        vae, scale = load_vae(out_path)
+        vae, scale = load_vae(session.out)
     elif init is not None:
-        given = [k for k, v in common.flags(arch, {"preset": "arch"}).items() if v is not None]
+        given = [k for k, v in new_vae_flags.items() if v is not None]
         if given:
             raise SdcliError(f"--{given[0]} describes a new VAE; --init fine-tunes one whose architecture is given: "
                              "drop one of them")
@@ -177,12 +168,8 @@ def run(data_dir: str, out: str, train: dict, objective: dict, arch: dict, init:
             raise SdcliError(f"this VAE cannot be built: {e}") from None
     if obj.decoder_only and state is None and init is None:
         raise SdcliError("--decoder-only fine-tunes the decoder of an existing VAE: give it with --init")
-    task = VAETask(vae, scale, cfg, obj, data, device)
-    task.sources = common.sources(state, {"init": init, **common.flags(arch, {"preset": "arch"})})
-    common.create(out_path)
-    progress.message(f"training a VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, "
-                     f"{vae.cfg.downsample_factor}x, {vae.cfg.embed_dim} latent channels) on {len(task.train_examples)} "
-                     f"images, {len(task.held_out)} held out, from step {state['step'] if state else 0}")
-    common.run(task, cfg, out_path, device, state, progress)
-    progress.message(f"done: the VAE is in {out_path / 'vae'}; use it with --vae {out_path}", force=True)
-    return out_path
+    task = VAETask(vae, scale, cfg, obj, data, session.device, session.sources)
+    what = (f"training a VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, "
+            f"{vae.cfg.downsample_factor}x, {vae.cfg.embed_dim} latent channels) on {len(task.train_examples)} "
+            f"images, {len(task.held_out)} held out")
+    return session.train(task, cfg, what, done=f"the VAE is in {session.out / 'vae'}; use it with --vae {session.out}")

@@ -1,83 +1,46 @@
-"""The training commands (`train-vae`, `train-unet`) and `export`, registered on sdcli.cli's app.
+"""The training commands, train-vae and train-unet, which share their data, loop and checkpoint options.
 
 Options default to None, meaning "not given": a new run takes the config's default, a resumed run keeps
 its own value (see training.common.configure)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import typer
 
-from sdcli.cli import DeviceOpt, QuietOpt, app
-
-DataArg = Annotated[str, typer.Argument(
-    help="A folder of images with same-name .txt captions, or with a metadata.jsonl of {\"file_name\", \"text\"} "
-         "lines.", show_default=False, metavar="DATA")]
-OutOpt = Annotated[str, typer.Option(
-    "--out", metavar="DIR", show_default=False,
-    help="The run's folder: the trained model, checkpoints/, samples/ and metrics.jsonl.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")]
-ResolutionOpt = Annotated[Optional[int], typer.Option(
-    "--resolution", show_default=False,
-    help="Images are resized and cropped to this square size. [default: 256; train-unet --init: the model's "
-         "trained size]")]
-RandomCropOpt = Annotated[Optional[bool], typer.Option(
-    "--random-crop/--center-crop", show_default=False, help="Where to crop. [default: center]")]
-FlipOpt = Annotated[Optional[bool], typer.Option(
-    "--flip/--no-flip", show_default=False,
-    help="Random horizontal flips. Off by default: a flip changes what 'left' means. [default: no-flip]")]
-StrictOpt = Annotated[Optional[bool], typer.Option(
-    "--strict/--no-strict", show_default=False,
-    help="Fail on an unreadable image or empty caption instead of skipping it. [default: no-strict]")]
-BatchOpt = Annotated[Optional[int], typer.Option(
-    "--batch-size", show_default=False, help="Images per process and micro-batch. [default: 8]")]
-AccumOpt = Annotated[Optional[int], typer.Option(
-    "--grad-accum", show_default=False, help="Micro-batches per optimizer step. [default: 1]")]
-LrOpt = Annotated[Optional[float], typer.Option(
-    "--lr", show_default=False, help="Peak AdamW learning rate, after the warm-up; cosine decay to 0. [default: 1e-4]")]
-WarmupOpt = Annotated[Optional[int], typer.Option("--warmup-steps", show_default=False, help="[default: 100]")]
-WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", show_default=False,
-                                                         help="AdamW weight decay. [default: 0.01]")]
-ClipOpt = Annotated[Optional[float], typer.Option(
-    "--max-grad-norm", show_default=False, help="Gradient clipping; 0 turns it off. [default: 1.0]")]
-EmaOpt = Annotated[Optional[float], typer.Option(
-    "--ema-decay", show_default=False,
-    help="EMA of the weights, which the saved model holds; 0 turns it off. [default: 0.9999]")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(
-    "--mixed-precision", show_default=False,
-    help="auto, no, bf16 or fp16 (with a gradient scaler); CUDA only. auto: bf16 where supported, else fp16, on "
-         "CUDA; no elsewhere. [default: auto]")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", show_default=False,
-                                                    help="Optimizer steps. [default: 1000]")]
-SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", show_default=False, help="Weights, data order, crops, noise and timesteps. [default: 0]")]
-SaveEveryOpt = Annotated[Optional[int], typer.Option(
-    "--save-every", show_default=False, help="Steps between checkpoints and model saves. [default: 500]")]
-KeepOpt = Annotated[Optional[int], typer.Option("--keep", show_default=False,
-                                                help="Checkpoints kept. [default: 3]")]
-ValidateEveryOpt = Annotated[Optional[int], typer.Option(
-    "--validate-every", show_default=False, help="Steps between validation grids. [default: --save-every]")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
-                                                help="Architecture preset: tiny, small or sd15 (sd for the VAE).")]
-ChannelsOpt = Annotated[Optional[str], typer.Option(
-    "--channels", show_default=False, help="Widths per level, e.g. 64,128,256 (multiples of 32).")]
-LayersOpt = Annotated[Optional[int], typer.Option("--layers-per-block", show_default=False,
-                                                  help="Resnet blocks per level.")]
-InitOpt = Annotated[Optional[str], typer.Option(
-    "--init", metavar="MODEL", show_default=False, help="Fine-tune this model instead of training a new one.")]
+from sdcli.cli.options import (AccumOpt, ArchOpt, BatchOpt, ChannelsOpt, ClipOpt, DataArg, DeviceOpt, EmaOpt, FlipOpt,
+                               InitOpt, KeepOpt, LayersOpt, LrOpt, MaxStepsOpt, MixedPrecisionOpt, OutOpt, QuietOpt,
+                               RandomCropOpt, ResolutionOpt, ResumeOpt, SaveEveryOpt, StrictOpt, TrainSeedOpt,
+                               ValidateEveryOpt, WarmupOpt, WeightDecayOpt, shared_options)
 
 
-def _train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps, weight_decay,
-                   max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every, keep,
-                   validate_every) -> dict:
-    return dict(locals()) | {"mixed_precision": mixed_precision or "auto"}
-
-
-@app.command("train-vae")
-def train_vae(
+def _train_options(
     data: DataArg, out: OutOpt, resume: ResumeOpt = False,
+    resolution: ResolutionOpt = None, random_crop: RandomCropOpt = None, flip: FlipOpt = None,
+    strict: StrictOpt = None, batch_size: BatchOpt = None, grad_accum: AccumOpt = None, lr: LrOpt = None,
+    warmup_steps: WarmupOpt = None, weight_decay: WeightDecayOpt = None, max_grad_norm: ClipOpt = None,
+    ema_decay: EmaOpt = None, mixed_precision: MixedPrecisionOpt = None, max_steps: MaxStepsOpt = None,
+    seed: TrainSeedOpt = None, save_every: SaveEveryOpt = None, keep: KeepOpt = None,
+    validate_every: ValidateEveryOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
+):
+    """The options of both training commands: data, --out and --resume before each command's own, the rest after."""
+
+
+train_command = shared_options(_train_options, leading=("data", "out", "resume"))
+_RUN_KEYS = ("data", "out", "resume", "device", "quiet")  # the other shared options are TrainConfig's fields
+
+
+def _run_options(o: dict) -> dict:
+    """The shared options as keyword arguments of the trainers' run()."""
+    train = {k: v for k, v in o.items() if k not in _RUN_KEYS} | {"mixed_precision": o["mixed_precision"] or "auto"}
+    return dict(data_dir=o["data"], out=o["out"], train=train, resume=o["resume"], device_name=o["device"] or "auto",
+                quiet=o["quiet"])
+
+
+@train_command
+def train_vae(
+    options: dict,
     init: Annotated[Optional[str], typer.Option(
         "--init", metavar="MODEL_OR_VAE", show_default=False,
         help="Fine-tune this VAE: a VAE file or folder, or a full model's VAE.")] = None,
@@ -107,33 +70,25 @@ def train_vae(
     validation_images: Annotated[Optional[int], typer.Option(
         "--validation-images", show_default=False,
         help="Images held out; their reconstructions are the validation grid. [default: 4]")] = None,
-    resolution: ResolutionOpt = None, random_crop: RandomCropOpt = None, flip: FlipOpt = None,
-    strict: StrictOpt = None, batch_size: BatchOpt = None, grad_accum: AccumOpt = None, lr: LrOpt = None,
-    warmup_steps: WarmupOpt = None, weight_decay: WeightDecayOpt = None, max_grad_norm: ClipOpt = None,
-    ema_decay: EmaOpt = None, mixed_precision: PrecisionOpt = None, max_steps: MaxStepsOpt = None,
-    seed: SeedOpt = None, save_every: SaveEveryOpt = None, keep: KeepOpt = None,
-    validate_every: ValidateEveryOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
     """Train a KL autoencoder (LDM): L1, optional perceptual term, KL, and a PatchGAN with adaptive weight."""
     from sdcli.training import vae
 
     vae.run(
-        data, out,
-        train=_train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps,
-                             weight_decay, max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every,
-                             keep, validate_every),
+        **_run_options(options),
         objective=dict(kl_weight=kl_weight, perceptual_weights=perceptual_weights,
                        perceptual_weight=perceptual_weight, disc_start=disc_start, disc_weight=disc_weight,
                        disc_layers=disc_layers, decoder_only=decoder_only, validation_images=validation_images),
         arch=dict(preset=arch, channels=channels, downsample=downsample, latent_channels=latent_channels,
                   layers_per_block=layers_per_block),
-        init=init, resume=resume, device_name=device or "auto", quiet=quiet,
+        init=init,
     )
 
 
-@app.command("train-unet")
+@train_command
 def train_unet(
-    data: DataArg, out: OutOpt, resume: ResumeOpt = False, init: InitOpt = None,
+    options: dict,
+    init: InitOpt = None,
     vae: Annotated[Optional[str], typer.Option(
         "--vae", metavar="PATH", show_default=False,
         help="The VAE: a train-vae folder, a VAE file, or a model. Needed for a new UNet; replaces --init's.")] = None,
@@ -179,21 +134,12 @@ def train_unet(
                                                             help="[default: 20]")] = None,
     validation_cfg: Annotated[Optional[float], typer.Option("--validation-cfg", show_default=False,
                                                             help="[default: 5]")] = None,
-    resolution: ResolutionOpt = None, random_crop: RandomCropOpt = None, flip: FlipOpt = None,
-    strict: StrictOpt = None, batch_size: BatchOpt = None, grad_accum: AccumOpt = None, lr: LrOpt = None,
-    warmup_steps: WarmupOpt = None, weight_decay: WeightDecayOpt = None, max_grad_norm: ClipOpt = None,
-    ema_decay: EmaOpt = None, mixed_precision: PrecisionOpt = None, max_steps: MaxStepsOpt = None,
-    seed: SeedOpt = None, save_every: SaveEveryOpt = None, keep: KeepOpt = None,
-    validate_every: ValidateEveryOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
     """Train the text-conditioned denoiser: fine-tune a model (--init) or a new UNet on a VAE (--vae)."""
     from sdcli.training import unet
 
     unet.run(
-        data, out,
-        train=_train_options(resolution, random_crop, flip, strict, batch_size, grad_accum, lr, warmup_steps,
-                             weight_decay, max_grad_norm, ema_decay, mixed_precision, max_steps, seed, save_every,
-                             keep, validate_every),
+        **_run_options(options),
         objective=dict(prediction=prediction, snr_gamma=snr_gamma, noise_offset=noise_offset,
                        min_timestep=min_timestep, max_timestep=max_timestep,
                        caption_dropout=caption_dropout, train_text_encoder=train_text_encoder,
@@ -202,7 +148,7 @@ def train_unet(
         arch=dict(preset=arch, channels=channels, layers_per_block=layers_per_block,
                   attention_levels=attention_levels, heads=heads),
         text_arch=dict(preset=text_encoder_config, width=text_width, layers=text_layers),
-        init=init, vae=vae, beta_end=beta_end, resume=resume, device_name=device or "auto", quiet=quiet,
+        init=init, vae=vae, beta_end=beta_end,
     )
 
 
@@ -225,23 +171,3 @@ def _prompts(values: list[str] | None) -> tuple[str, ...] | None:
         else:
             prompts.append(value)
     return tuple(prompts)
-
-
-@app.command()
-def export(
-    model: Annotated[str, typer.Argument(help="A train-unet output folder, or any model sdcli loads.",
-                                         show_default=False, metavar="MODEL")],
-    dst: Annotated[str, typer.Argument(help="A .safetensors file (the original single-file layout), or a folder (a "
-                                       "diffusers model).", show_default=False, metavar="OUT")],
-    raw: Annotated[bool, typer.Option("--raw", help="The latest checkpoint's trained weights instead of their EMA.")]
-    = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="Keep fp32 weights (default: fp16, half the size).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (a folder's files) if it exists.")]
-    = False,
-):
-    """Write a model as one original-layout (LDM) .safetensors file, which A1111, ComfyUI and diffusers'
-    from_single_file read, or as a diffusers folder (fp16 by default both ways)."""
-    from sdcli.training.export import export
-
-    n = export(model, dst, raw=raw, fp32=fp32, overwrite=overwrite)
-    print(f"wrote {dst} ({n / 1e6:.1f} MB)", file=sys.stderr)

@@ -1,0 +1,56 @@
+"""The Typer app and the console entry point: argv in, one line on stderr and an exit code for every mistake."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sdcli.errors import SdcliError
+
+app = typer.Typer(
+    name="sdcli",
+    help="Stable Diffusion (latent diffusion) from the command line.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal [brackets]
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """Give an option of batch.OPTIONAL_VALUES its value where no number follows it (typer has no options
+    with optional values)."""
+    from sdcli.batch import OPTIONAL_VALUES
+
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        key = arg.removeprefix("--").replace("-", "_")
+        if arg.startswith("--") and key in OPTIONAL_VALUES and not (i + 1 < len(args) and args[i + 1].isdigit()):
+            out.append(OPTIONAL_VALUES[key])
+    return out
+
+
+def main() -> None:
+    """Console entry point: every mistake of the user's is one line on stderr and exit code 2."""
+    from sdcli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # before any model runs: see sdcli.runtime
+    args = _optional_values(sys.argv[1:]) or ["--help"]  # a bare `sdcli` shows the help
+    try:
+        code = app(args, prog_name="sdcli", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        print("sdcli: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as e:  # unknown option or command, bad value, missing argument
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+        message = (e.format_message() if hasattr(e, "format_message") else str(e)).replace("Value error, ", "")
+        print(f"sdcli: error: {' '.join(message.split())}{hint}", file=sys.stderr)  # one line, always
+        sys.exit(getattr(e, "exit_code", 2))
+    except SdcliError as e:
+        print(f"sdcli: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)  # one line, even for odd paths
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+

@@ -1,0 +1,94 @@
+"""The commands that read and write model files: info, convert and export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdcli.cli.options import ModelArg, PredictionOpt, VaeOpt
+from sdcli.errors import SdcliError
+
+
+def info(
+    model: ModelArg,
+    vae: VaeOpt = None,
+    prediction: PredictionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only),
+    or the generation parameters stored in a PNG."""
+    if _is_png(model):
+        from sdcli.metadata import read_parameters_text, read_png
+
+        if vae or prediction:
+            raise SdcliError("--vae and --prediction apply to models, not to images")
+        print(json.dumps(read_png(model)) if as_json else read_parameters_text(model))
+        return
+    from sdcli.loading import inspect_model
+
+    summary = inspect_model(model, vae=vae, prediction=prediction.value if prediction else None).summary()
+    if as_json:
+        print(json.dumps(summary))
+        return
+    text = summary["text_encoder"]
+    fmt = {"single-file": "single-file safetensors (original LDM layout)", "diffusers": "diffusers folder"}
+    rows = [
+        ("format", fmt[summary["format"]]),
+        ("variant", summary["variant"]),
+        ("prediction", f"{summary['prediction']} ({summary['prediction_source']})"),
+        ("latents", f"{summary['latent_channels']} channels at 1/{summary['vae_factor']} size, "
+                    f"scale {summary['latent_scale']}"),
+        ("text", f"{'OpenCLIP' if text['layout'] == 'openclip' else 'CLIP'}, {text['layers']} layers, "
+                 f"width {text['width']}, conditioning on the "
+                 f"{'penultimate' if text['skip_last_layers'] else 'last'} layer"),
+    ]
+    rows.append(("tokenizer", summary["tokenizer"]))
+    if summary["vae_file"]:
+        rows.append(("vae file", summary["vae_file"]))
+    for name, comp in summary["components"].items():
+        rows.append((name.replace("_", " "), f"{comp['parameters'] / 1e6:,.2f}M parameters, {'/'.join(comp['dtypes'])}"))
+    print(summary["path"])
+    for key, value in rows:
+        print(f"  {key:<13} {value}")
+
+
+def _is_png(path: str) -> bool:
+    """An image to read parameters from (other image types get a clear error from the PNG reader)."""
+    from sdcli.metadata import has_png_signature
+
+    return path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")) or has_png_signature(path)
+
+
+def convert(
+    src: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt, .pt, .bin, .pth).", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="The .safetensors file to write.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+):
+    """Convert a trusted pickle checkpoint to .safetensors, loading tensors only (weights_only=True)."""
+    from sdcli.loading.convert import pickle_to_safetensors
+
+    n = pickle_to_safetensors(src, dst, overwrite)
+    print(f"wrote {n} tensors to {dst}", file=sys.stderr)
+
+
+def export(
+    model: Annotated[str, typer.Argument(help="A train-unet output folder, or any model sdcli loads.",
+                                         show_default=False, metavar="MODEL")],
+    dst: Annotated[str, typer.Argument(help="A .safetensors file (the original single-file layout), or a folder (a "
+                                       "diffusers model).", show_default=False, metavar="OUT")],
+    raw: Annotated[bool, typer.Option("--raw", help="The latest checkpoint's trained weights instead of their EMA.")]
+    = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Keep fp32 weights (default: fp16, half the size).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (a folder's files) if it exists.")]
+    = False,
+):
+    """Write a model as one original-layout (LDM) .safetensors file, which A1111, ComfyUI and diffusers'
+    from_single_file read, or as a diffusers folder (fp16 by default both ways)."""
+    from sdcli.training.export import export
+
+    n = export(model, dst, raw=raw, fp32=fp32, overwrite=overwrite)
+    print(f"wrote {dst} ({n / 1e6:.1f} MB)", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""Checkpoint: an opened model (its detected config and each part's tensors, unread) that checks and loads."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdcli.config import ModelConfig
+from sdcli.errors import ModelLoadError
+from sdcli.loading.component import Part, check_component, load_component
+from sdcli.loading.patch import Patch, check_patch
+
+PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "single-file" | "diffusers"
+    config: ModelConfig
+    parts: dict[str, Part]  # "unet", "vae", "text_encoder"
+    prediction_source: str
+    tokenizer_dir: Path | None = None
+    vae_path: Path | None = None
+    checked: bool = field(default=False, repr=False)  # the strict comparison passed (inspect, then load)
+
+    def meta_model(self):
+        """The model the config describes, on the meta device (no memory)."""
+        from sdcli.models import StableDiffusion
+
+        try:
+            with torch.device("meta"):
+                return StableDiffusion(self.config)
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # widths GroupNorm or heads cannot split
+            raise ModelLoadError(f"{self.path}: the architecture detected from it cannot be built ({e})") from None
+
+    def check(self, model=None) -> None:
+        """Strictly compare every part with the model the config describes (once per checkpoint); `model`:
+        that meta model, when it is built already."""
+        if self.checked:
+            return
+        model = self.meta_model() if model is None else model
+        for name, part in self.parts.items():
+            check_component(model.component(name), part, self.config.variant, name)
+        self.checked = True
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The folder's own tokenizer or the built-in CLIP one, checked against the text encoder."""
+        from sdcli.models.text import clip_tokenizer, folder_tokenizer
+
+        if not self.tokenizer_dir:
+            tokenizer, source = clip_tokenizer(self.config.text.pad_token), "the built-in CLIP tokenizer"
+        else:
+            source = str(self.tokenizer_dir)
+            try:
+                tokenizer = folder_tokenizer(self.tokenizer_dir)
+            except Exception as e:  # transformers and tokenizers raise many types for damaged files
+                raise ModelLoadError(f"{source} cannot be read: {type(e).__name__}: {e}"[:300]) from None
+        if len(tokenizer) != self.config.text.vocab_size:
+            raise ModelLoadError(
+                f"{source} has {len(tokenizer)} tokens but the text encoder has {self.config.text.vocab_size}: "
+                "the tokenizer is incomplete or belongs to another model"
+            )
+        return tokenizer
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, patch: Patch | None = None):
+        """The model, every part checked before any is read; `patch` (keyed by the model's state-dict names)
+        is applied to the tensors read, before they are assigned."""
+        model = self.meta_model()
+        self.check(model)
+        if patch:
+            check_patch(model.state_dict(), patch)  # before reading anything
+        for name, part in self.parts.items():
+            prefix = model.COMPONENTS[name][1]
+            own = {k.removeprefix(prefix): v for k, v in (patch or {}).items() if k.startswith(prefix)}
+            load_component(model.component(name), part, device, dtype, variant=self.config.variant, what=name,
+                           checked=True, patch=own)
+        model.text_encoder.reset_position_ids()
+        model.tokenizer = self.tokenizer
+        return model.eval().requires_grad_(False)
+
+    def summary(self) -> dict:
+        cfg = self.config
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "variant": cfg.variant,
+            "family": cfg.family,
+            "task": cfg.task,
+            "prediction": cfg.prediction,
+            "prediction_source": self.prediction_source,
+            "latent_scale": cfg.latent_scale,
+            "latent_channels": cfg.vae.embed_dim,
+            "vae_factor": cfg.vae.downsample_factor,
+            "context_dim": cfg.unet.context_dim,
+            "text_encoder": {
+                "layout": cfg.text.layout, "layers": cfg.text.layers, "width": cfg.text.width,
+                "activation": cfg.text.activation, "skip_last_layers": cfg.text.skip_last_layers,
+            },
+            "vae_file": str(self.vae_path) if self.vae_path else None,
+            "tokenizer": str(self.tokenizer_dir) if self.tokenizer_dir else f"built-in CLIP BPE, padding with "
+            f"{cfg.text.pad_token!r}",
+            "components": {
+                name: {"parameters": p.parameters, "dtypes": p.dtypes, "source": p.source}
+                for name, p in self.parts.items()
+            },
+        }

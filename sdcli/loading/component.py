@@ -1,0 +1,66 @@
+"""The component loader: a file's tensors checked against a module built on the meta device, read, patched
+and assigned to it. Used for each part of a model, for a VAE on its own, and for any module to come."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sdcli.loading.check import check_tensors, fit
+from sdcli.loading.files import read_tensors
+from sdcli.loading.keymaps import Layout, State
+from sdcli.loading.patch import Patch, patched
+
+
+@dataclass
+class Part:
+    """One component's tensors as the file names them, and how those names map to our modules."""
+
+    tensors: State  # the file's names, shapes and dtypes, as meta tensors: no data is read until load
+    source: str  # the file, for messages
+    layout: Callable[[list[str]], Layout]  # our module's keys -> Layout
+    files: dict[str, Path]  # the file that holds each tensor
+
+    def materialize(self, device, dtype: torch.dtype) -> State:
+        """The tensors on `device`, floating point ones in `dtype`."""
+        by_file: dict[Path, list[str]] = {}
+        for k in self.tensors:
+            by_file.setdefault(self.files[k], []).append(k)
+        out: State = {}
+        for path, keys in by_file.items():
+            out.update(read_tensors(path, keys, device, dtype))
+        return out
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+
+
+def check_component(module: nn.Module, part: Part, variant: str, what: str) -> None:
+    """Strictly compare the part's tensors with the (meta) module's: names, shapes, kinds."""
+    expected = module.state_dict()
+    check_tensors(part.tensors, part.layout(list(expected)).to_file(expected), part.source, variant, what)
+
+
+def load_component(module: nn.Module, part: Part, device, dtype: torch.dtype, *, variant: str, what: str,
+                   checked: bool = False, patch: Patch | None = None) -> nn.Module:
+    """Fill a module built on the meta device with the part's tensors: checked (unless `checked` says it was),
+    read (memory-mapped where they keep their dtype), patched (`patch` keyed by the module's own names) and
+    assigned, so that no weight is copied that need not be."""
+    if not checked:
+        check_component(module, part, variant, what)
+    expected = module.state_dict()
+    ours = part.layout(list(expected)).from_file(part.materialize(device, dtype))
+    state = {k: fit(v, expected[k]) for k, v in ours.items()}
+    if patch:
+        state |= patched(state, patch)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module

@@ -1,0 +1,116 @@
+"""The task protocol: what one rendering command does between the shared run (sdcli.render) and the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sdcli.batch import NAME, Request, tiling
+from sdcli.errors import SdcliError
+
+MAX_SIZE = 8192  # px a side
+MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler"}
+
+
+def scaled(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    """width x height times `scale`, rounded to multiples of `multiple`, or an error above MAX_SIZE."""
+    w, h = (max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))
+    if max(w, h) > MAX_SIZE:
+        raise SdcliError(f"{width}x{height} scaled by {scale:g} is {w}x{h}, over {MAX_SIZE} px a side: "
+                         "lower the scale")
+    return w, h
+
+
+def cached(sources: dict, key: tuple, make):
+    """`sources` ({path: PIL image} of the run's inputs) doubles as the run's cache of what they give (hashes,
+    fitted tensors): the same tensor for every batch of a request, so the engine encodes an image once."""
+    if key not in sources:
+        sources[key] = make()
+    return sources[key]
+
+
+class Task:
+    """One rendering command. Subclasses set the attributes and `render`; the methods here are the defaults.
+
+    The run (sdcli.render) calls, in order: check_model, adopt_record (--from-image), resolve and load for
+    every request, size while planning, then steps_run and render for every batch."""
+
+    name: str  # the registry's key (sdcli.tasks.TASKS)
+    command: str  # the CLI command that runs it
+    keys: tuple[str, ...] = ()  # the request keys that only some tasks take which this one takes
+    models: tuple[str, ...] = ("txt2img",)  # the model kinds (cfg.task) it renders with
+    output_name: str = NAME  # the file name template in an output folder
+    needs_prompt: bool = True
+    image_hint: str | None = None  # how to give the input image, for the tasks that need one
+    default_strength: float | None = None  # for the tasks that start from an image's latents
+
+    def check_model(self, cfg, model_path: str) -> None:
+        if cfg.task not in self.models:
+            wanted = " or ".join(MODEL_KINDS[t] for t in self.models)
+            raise SdcliError(f"{model_path} is a {cfg.variant} model; {self.command} needs {wanted} model")
+
+    def adopt_record(self, requests: list[Request], record: dict, flags: dict, cfg) -> list[Request]:
+        """--from-image: the requests built on the image's record, once the model is known."""
+        return requests
+
+    def resolve(self, r: Request, cfg) -> Request:
+        """The task's defaults that depend on the model, and the checks that need it."""
+        r = self.defaults(r, cfg)
+        if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
+            raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
+                             f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
+        return r
+
+    def defaults(self, r: Request, cfg) -> Request:
+        return r
+
+    def check(self, r: Request) -> None:
+        """What a request of this task must give, before its files are read."""
+        if self.image_hint and r.image is None:
+            raise SdcliError(f"{self.name} needs an input image: {self.image_hint} (or --image on each "
+                             "prompts-file line)")
+
+    def load(self, r: Request, sources: dict) -> None:
+        """Read the request's input files into `sources` ({path: PIL image}), so that a bad file stops the run
+        before it starts."""
+        from sdcli.images import load_image
+
+        self.check(r)
+        for path in (r.image, r.mask):
+            if path is not None and path not in sources:
+                sources[path] = load_image(path)
+
+    def size(self, r: Request, sources: dict, native: int) -> tuple[int, int]:
+        """The size the model renders at, for what -W/-H leave open."""
+        raise NotImplementedError
+
+    def steps_run(self, r: Request, cfg) -> int:
+        """UNet steps one image takes (the progress bar's length, recorded with the image)."""
+        from sdcli.engine import img2img_steps
+
+        return img2img_steps(r.steps, r.strength)
+
+    def render(self, engine, r: Request, s, seeds: list[int], sources: dict, callback):
+        """One batch of one request -> (uint8 images [B, H, W, 3], the task's own record fields)."""
+        raise NotImplementedError
+
+    # shared pieces of the tasks that start from an image
+    def input_record(self, r: Request, cfg, sources: dict) -> dict:
+        from sdcli.images import file_hash
+
+        return {"steps_run": self.steps_run(r, cfg),
+                "image_hash": cached(sources, ("hash", r.image), lambda: file_hash(r.image))}
+
+    def with_strength(self, r: Request) -> Request:
+        from sdcli.engine import img2img_steps
+
+        r = dataclasses.replace(r, strength=r.strength or self.default_strength)
+        if img2img_steps(r.steps, r.strength) < 1:
+            raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
+                             "--steps")
+        return r
+
+
+def with_tiles(r: Request) -> Request:
+    """Tiled denoising (upscales, the hires fix): the tile size and overlap, defaults filled in."""
+    tile, overlap = tiling(r)
+    return dataclasses.replace(r, tile=tile, tile_overlap=overlap)

@@ -1,0 +1,57 @@
+"""Image to image (`sdcli img2img`): the input's latents noised to the strength's level, then denoised."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sdcli.batch import Request
+from sdcli.engine import Engine, Sampling
+from sdcli.tasks.base import Task, cached
+
+
+def img2img(engine: Engine, image: torch.Tensor, prompt: str, s: Sampling, seeds: list[int], *, strength: float = 0.75,
+            negative_prompt: str = "", callback: Callable | None = None,
+            tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image [1, 3, H, W] in [-1, 1] (or one per seed) to images: one per seed -> uint8 [len(seeds), H, W, 3].
+    `tile`: denoise in tiles of (size, overlap) pixels (see TiledDenoiser)."""
+    # 1. encode the prompt
+    cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
+    # 2. prepare the timesteps: the schedule's last img2img_steps(steps, strength)
+    batch = engine.batch(s, seeds, strength, callback)
+    # 3. prepare latents: the image's latents (a posterior sample each), noised to the level the strength starts at
+    x0 = engine.encode_image(image, batch.generators)
+    x = engine.prepare_latents(batch, tuple(x0.shape[1:]), x0)
+    # 4. denoise
+    latents = engine.denoise(x, batch, cond, uncond, model=engine.tiled(tile))
+    # 5. decode
+    return engine.decode(latents, batch.sigma_last)
+
+
+class Img2Img(Task):
+    name = command = "img2img"
+    keys = ("width", "height", "image", "strength", "resize")
+    image_hint = "--image IN.png"
+    default_strength = 0.75  # diffusers'
+
+    def defaults(self, r: Request, cfg) -> Request:
+        return self.with_strength(r)
+
+    def source(self, r: Request, sources: dict):
+        """(image, mask or None) the request renders from."""
+        return sources[r.image], None
+
+    def size(self, r: Request, sources: dict, native: int) -> tuple[int, int]:
+        """The input's size, down to multiples of 8."""
+        image = self.source(r, sources)[0]
+        return r.width or max(8, image.size[0] // 8 * 8), r.height or max(8, image.size[1] // 8 * 8)
+
+    def render(self, engine: Engine, r: Request, s: Sampling, seeds: list[int], sources: dict, callback):
+        from sdcli.images import fit, to_tensor
+
+        extra = self.input_record(r, engine.cfg, sources)
+        image = cached(sources, ("tensor", r.image, r.width, r.height, r.resize),
+                       lambda: to_tensor(fit(sources[r.image], r.width, r.height, r.resize)))
+        return img2img(engine, image, r.prompt, s, seeds, strength=r.strength, negative_prompt=r.negative_prompt,
+                       callback=callback), extra
