@@ -13,12 +13,12 @@ from sdcli.models.unet import Residuals
 PER_IMAGE = ("concat", "class_labels", "control")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
 class Conditioning:
     """One prompt's conditioning (and the image's, once a task adds it), every part batch-first."""
 
     context: torch.Tensor  # [B, L, D] cross-attention: the text encoder's hidden states
-    pooled: torch.Tensor | None = None  # [B, D'] a pooled text vector (SDXL; folded into y by its family)
+    pooled: torch.Tensor | None = None  # [B, D'] a pooled text vector (SDXL's; not used yet)
     y: torch.Tensor | None = None  # [B, A] added conditioning (SDXL's pooled text and size embeddings)
     concat: torch.Tensor | None = None  # [B, C', h, w] extra UNet input channels: inpainting's mask and masked
     #                                     latents, the x4 upscaler's noised low-res image
@@ -55,7 +55,7 @@ class Conditioning:
         return self._map(lambda v: v[..., rows, cols] if v.ndim == 4 and tuple(v.shape[-2:]) == size else v)
 
     def unet_kwargs(self) -> dict:
-        """The UNet's keyword arguments; `concat` goes into its input and `pooled` into `y` instead. Parts that
+        """The UNet's keyword arguments; `concat` goes into its input, `pooled` nowhere yet. Parts that
         are None are left out, so a UNet without those inputs still takes the record."""
         parts = {"context": self.context, "y": self.y, "class_labels": self.class_labels, "control": self.control}
         return {k: v for k, v in parts.items() if v is not None}

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 from sdcli.architecture import NoiseSchedule, TextEncoderConfig, UNetConfig, VAEConfig
-from sdcli.families import BASES, FAMILIES, SD1, SD2, Family, family_of
+from sdcli.families import BASES, FAMILIES, SD1, Family, family_of
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "NoiseSchedule", "SD1_TEXT", "SD2_TEXT", "SD2_UNET", "TextEncoderConfig",
+__all__ = ["ARCHITECTURES", "ModelConfig", "NoiseSchedule", "SD1_TEXT", "TextEncoderConfig",
            "UNetConfig", "VAEConfig"]
 
 
@@ -73,4 +73,4 @@ def reference_config(family: Family) -> ModelConfig:
 
 # Full-size reference architectures (the released checkpoints), also used by tests on the meta device.
 ARCHITECTURES: dict[str, ModelConfig] = {f.reference: reference_config(f) for f in FAMILIES.values() if f.reference}
-SD1_TEXT, SD2_TEXT, SD2_UNET = SD1.text, SD2.text, SD2.unet
+SD1_TEXT = SD1.text

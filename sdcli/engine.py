@@ -30,7 +30,7 @@ class Sampling:
     clip_skip: int = 1  # 1: the model's own text layer; 2: the one before (A1111's "Clip skip")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
 class Batch:
     """Images rendered together: how they are sampled, one seeded CPU generator each (drawn in diffusers'
     order by the task's steps), the noise levels run and the per-step callback."""

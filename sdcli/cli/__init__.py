@@ -2,7 +2,7 @@
 transformers) happen inside command bodies so that `sdcli --help` is instant.
 
 application holds the app and main, options the option types; render, models and train the commands, which
-import those two and are registered here, in the order `sdcli --help` lists them."""
+import options and are registered here, in the order `sdcli --help` lists them."""
 
 from sdcli.cli import models, render, train
 from sdcli.cli.application import app, main

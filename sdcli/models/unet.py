@@ -67,7 +67,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
 class Residuals:
     """What a ControlNet adds inside the UNet: one tensor (or None) per input block, added to that block's
     output as it is kept for the skip connection, and one added after the middle block (the LDM ControlNet's
@@ -102,7 +102,8 @@ class StageCache(Protocol):
 class FeatureCache:
     """A StageCache that records every block's output and, for the blocks named in `replay`, returns the one
     recorded at the last step that computed it. DeepCache replays the deep blocks on the cheap steps: every
-    input block past the first few, the middle, and the output blocks before the last few."""
+    input block past the first few, the middle, and the output blocks before the last few. It keys on the block
+    name alone: one cache per UNet call of a step (guidance's two passes, or tiles, each need their own)."""
 
     def __init__(self) -> None:
         self.replay: frozenset[str] = frozenset()  # set by the caller before each UNet call

@@ -31,8 +31,9 @@ def cached(sources: dict, key: tuple, make):
 class Task:
     """One rendering command. Subclasses set the attributes and `render`; the methods here are the defaults.
 
-    The run (sdcli.render) calls, in order: check_model, adopt_record (--from-image), resolve and load for
-    every request, size while planning, then steps_run and render for every batch."""
+    The run (sdcli.render) calls, in order: load for every request (its files read and checked), then, once
+    the model is known, check_model, adopt_record (--from-image) and resolve, size while planning, then
+    steps_run and render for every batch."""
 
     name: str  # the registry's key (sdcli.tasks.TASKS)
     command: str  # the CLI command that runs it
