@@ -22,10 +22,10 @@ from sdcli.loading.component import load_component
 from sdcli.loading.files import PICKLE_SUFFIXES, exists, open_safetensors
 from sdcli.loading.folder import read_folder
 from sdcli.loading.patch import Patch, Patcher
-from sdcli.loading.single_file import OPENCLIP, UNET, original_layout, read_single_file
+from sdcli.loading.single_file import UNET, original_layout, read_single_file
 from sdcli.loading.vae import vae_part, with_vae
 
-__all__ = ["OPENCLIP", "PICKLE_SUFFIXES", "PREDICTIONS", "Checkpoint", "Patch", "Patcher", "inspect_model",
+__all__ = ["PICKLE_SUFFIXES", "PREDICTIONS", "Checkpoint", "Patch", "Patcher", "inspect_model",
            "load_model", "load_vae", "open_checkpoint", "original_layout"]
 
 
