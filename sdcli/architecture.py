@@ -3,20 +3,52 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from sdcli.errors import SdcliError, shown
+
+# Bounds on what a config may say (configs come from files: diffusers configs, single files' shapes), checked
+# before anything is built: far above every release (SD 1.x/2.x/XL, the x4 upscaler, OpenCLIP bigG), and low
+# enough that a model built from them on the meta device takes seconds, not hours.
+MAX_LEVELS = 6  # UNet/VAE resolution levels: releases 3-4
+MAX_RES_BLOCKS = 8  # resnets per level: releases 2
+MAX_DEPTH = 16  # transformer blocks per spatial transformer: SDXL's 10
+MAX_TEXT_LAYERS = 64  # text encoder layers: OpenCLIP bigG's 32
+MAX_WIDTH = 16384  # any width (channels of a level, hidden and MLP sizes, head widths): releases <= 5120
+MAX_CHANNELS = 64  # image and latent channels in and out: releases 3-9
+MAX_HEADS = 256  # attention heads: releases 8-20
+MAX_VOCAB = 1 << 20  # text tokens: releases 49408
+MAX_POSITIONS = 8192  # text positions: releases 77
+MAX_CLASSES = 100_000  # class (noise-level) embeddings: the x4 upscaler's 1000
+MAX_TIMESTEPS = 100_000  # training timesteps (the schedule's tables are this long): releases 1000
 
 
-def _check(cfg, minimum: dict[str, int] | None = None) -> None:
-    """Configs come from files: every int field (and every entry of an int tuple) must be an int of
-    at least its minimum (default 1), every tuple non-empty. Raises ValueError naming the field."""
-    minimum = minimum or {}
+class ConfigError(ValueError, SdcliError):
+    """A config value of the wrong type or out of its bounds; the message names the field. A ValueError for
+    the code that builds configs, and where none catches it a user's error (options out of bounds)."""
+
+
+def _check(cfg, bounds: dict[str, tuple[int, int]]) -> None:
+    """Configs come from files: every int field (and every entry of an int tuple) must be an int within its
+    bounds, every tuple hold 1 to MAX_LEVELS entries (one per level), of its type."""
     for f in fields(cfg):
-        value, least = getattr(cfg, f.name), minimum.get(f.name, 1)
-        if f.type == "int" and (type(value) is not int or value < least):
-            raise ValueError(f"{f.name} must be an integer >= {least}, not {value!r}")
-        if f.type.startswith("tuple") and (not isinstance(value, tuple) or not value):
-            raise ValueError(f"{f.name} must be a non-empty list, not {value!r}")
-        if f.type == "tuple[int, ...]" and any(type(v) is not int or v < least for v in value):
-            raise ValueError(f"{f.name} must hold integers >= {least}, not {value!r}")
+        value = getattr(cfg, f.name)
+        if f.type.startswith("tuple"):
+            kind = int if f.type == "tuple[int, ...]" else bool
+            if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_LEVELS or \
+                    any(type(v) is not kind for v in value):
+                what = "integers" if kind is int else "true/false values"
+                raise ConfigError(f"{f.name} must be a list of 1 to {MAX_LEVELS} {what}, not {shown(value)}")
+        if f.type in ("int", "tuple[int, ...]"):
+            low, high = bounds[f.name]
+            if any(type(v) is not int or not low <= v <= high for v in (value if f.type != "int" else (value,))):
+                what = "an integer" if f.type == "int" else "integers"
+                raise ConfigError(f"{f.name} must be {what} from {low} to {high}, not {shown(value)}")
+
+
+def _check_widths(base: int, mult: tuple[int, ...]) -> None:
+    if base * max(mult) > MAX_WIDTH:
+        raise ConfigError(f"the levels' widths {[base * m for m in mult]} must be at most {MAX_WIDTH}")
 
 
 @dataclass(frozen=True)
@@ -35,12 +67,19 @@ class UNetConfig:
     cross_attention_only: tuple[bool, ...] = (False, False, False, False)  # x4: attn1 attends to the text too
     num_classes: int = 0  # x4 upscaler: 1000 noise-level embeddings (label_emb)
     dropout: float = 0.0
+    BOUNDS: ClassVar = {
+        "in_channels": (1, MAX_CHANNELS), "out_channels": (1, MAX_CHANNELS), "model_channels": (1, MAX_WIDTH),
+        "channel_mult": (1, MAX_WIDTH), "num_res_blocks": (1, MAX_RES_BLOCKS), "num_heads": (1, MAX_HEADS),
+        "head_dim": (0, MAX_WIDTH), "transformer_depth": (1, MAX_DEPTH), "context_dim": (1, MAX_WIDTH),
+        "num_classes": (0, MAX_CLASSES),
+    }
 
     def __post_init__(self):
-        _check(self, {"head_dim": 0, "num_classes": 0})
+        _check(self, self.BOUNDS)
+        _check_widths(self.model_channels, self.channel_mult)
         n = len(self.channel_mult)
         if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
-            raise ValueError("attention_levels and cross_attention_only need one entry per channel_mult level")
+            raise ConfigError("attention_levels and cross_attention_only need one entry per channel_mult level")
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, head dim) of a spatial transformer of this width."""
@@ -62,9 +101,15 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4  # channels between encoder/decoder and the quant convs
     embed_dim: int = 4  # latent channels
+    BOUNDS: ClassVar = {
+        "in_channels": (1, MAX_CHANNELS), "out_channels": (1, MAX_CHANNELS), "ch": (1, MAX_WIDTH),
+        "ch_mult": (1, MAX_WIDTH), "num_res_blocks": (1, MAX_RES_BLOCKS), "z_channels": (1, MAX_CHANNELS),
+        "embed_dim": (1, MAX_CHANNELS),
+    }
 
     def __post_init__(self):
-        _check(self)
+        _check(self, self.BOUNDS)
+        _check_widths(self.ch, self.ch_mult)
 
     @property
     def downsample_factor(self) -> int:
@@ -84,15 +129,21 @@ class TextEncoderConfig:
     skip_last_layers: int = 0  # SD 2.x conditions on the penultimate layer (then the final norm)
     pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!"
     projection_dim: int = 0  # OpenCLIP text_projection, kept only so single files round-trip
+    BOUNDS: ClassVar = {
+        "vocab_size": (1, MAX_VOCAB), "width": (1, MAX_WIDTH), "layers": (1, MAX_TEXT_LAYERS),
+        "heads": (1, MAX_HEADS), "mlp_width": (1, MAX_WIDTH), "max_positions": (1, MAX_POSITIONS),
+        "skip_last_layers": (0, MAX_TEXT_LAYERS), "projection_dim": (0, MAX_WIDTH),
+    }
+    ACTIVATIONS: ClassVar = ("quick_gelu", "gelu")
 
     def __post_init__(self):
-        _check(self, {"skip_last_layers": 0, "projection_dim": 0})
+        _check(self, self.BOUNDS)
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} does not split into {self.heads} heads")
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unsupported text encoder activation {self.activation!r}")
+            raise ConfigError(f"width {self.width} does not split into {self.heads} heads")
+        if self.activation not in self.ACTIVATIONS:
+            raise ConfigError(f"unsupported text encoder activation {shown(self.activation)}")
         if self.skip_last_layers >= self.layers:
-            raise ValueError(f"cannot skip {self.skip_last_layers} of {self.layers} layers")
+            raise ConfigError(f"cannot skip {self.skip_last_layers} of {self.layers} layers")
 
 
 @dataclass(frozen=True)
@@ -101,11 +152,14 @@ class NoiseSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    BOUNDS: ClassVar = {"num_train_timesteps": (1, MAX_TIMESTEPS)}
+    SCHEDULES: ClassVar = ("linear", "scaled_linear")
 
     def __post_init__(self):
-        _check(self)
-        if self.beta_schedule not in ("linear", "scaled_linear"):
-            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+        _check(self, self.BOUNDS)
+        if self.beta_schedule not in self.SCHEDULES:
+            raise ConfigError(f"unsupported beta_schedule {shown(self.beta_schedule)}")
         if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (self.beta_start, self.beta_end)) \
                 or not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"betas must satisfy 0 < beta_start < beta_end < 1, not {self.beta_start}, {self.beta_end}")
+            raise ConfigError(f"betas must satisfy 0 < beta_start < beta_end < 1, not {shown(self.beta_start)}, "
+                              f"{shown(self.beta_end)}")

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import re
 import secrets
 import string
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, shown
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
-MAX_IMAGES = 10_000  # per prompt; a prompts file holds as many prompts as it likes
+MAX_SIZE = 8192  # px a side of any image rendered, wherever its size comes from
+MAX_IMAGES = 10_000  # per prompt
+MAX_RUN_IMAGES = 100_000  # per run (about a day at 1 s an image), however many prompts hold them
+MAX_PROMPT_CHARS = 16_384  # per prompt or negative prompt: some 4,000 CLIP tokens, 55 chunks of 75
 TILE = (1024, 128)  # default tile size and overlap, output px: outputs up to 1024 px are not tiled
 HIRES_STRENGTH = 0.5
 MAX_NOISE_LEVEL = 350  # the x4 upscaler's highest trained noise level (diffusers' max_noise_level)
@@ -84,6 +88,9 @@ def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+_PROMPTS = ("prompt", "negative_prompt")
+
+
 def _coerce(key: str, value, where: str):
     """A setting given as text (a prompts-file line) or typed (YAML, JSON) -> its field's type, or a one-line
     error naming it."""
@@ -91,23 +98,33 @@ def _coerce(key: str, value, where: str):
     prefix = f"{where}: " if where else ""
     if kind is bool:
         words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-        if isinstance(value, bool) or str(value).lower() in words:
-            return value if isinstance(value, bool) else words[str(value).lower()]
-        raise SdcliError(f"{prefix}{option_name(key)} must be true or false, not {value!r}")
+        if isinstance(value, bool):
+            return value
+        word = value.lower() if isinstance(value, str) else str(value) if type(value) is int and value in (0, 1) \
+            else None  # str() of a 5,000-digit int would fail
+        if word in words:
+            return words[word]
+        raise SdcliError(f"{prefix}{option_name(key)} must be true or false, not {shown(value)}")
     if kind is str:
         if not isinstance(value, str):
-            raise SdcliError(f"{prefix}{option_name(key)} must be text, not {value!r}")
+            raise SdcliError(f"{prefix}{option_name(key)} must be text, not {shown(value)}")
+        try:  # no path or name holds a NUL (argv cannot) or a lone surrogate other than argv's bytes; files can
+            if key not in _PROMPTS and ("\x00" in value or os.fsencode(value) is None):
+                raise ValueError
+        except (ValueError, UnicodeEncodeError):  # prompts: check_text says what is wrong with them
+            raise SdcliError(f"{prefix}{option_name(key)} holds a character no file name can (NUL, or a lone "
+                             "surrogate): remove it") from None
         return value
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
         number = kind(value)
-        if not math.isfinite(number):
+        if kind is float and not math.isfinite(number):  # an int too large is the range check's
             raise ValueError
         return number
     except (TypeError, ValueError, OverflowError):
         word = "a whole number" if kind is int else "a number"
-        raise SdcliError(f"{prefix}{option_name(key)} must be {word}, not {value!r}") from None
+        raise SdcliError(f"{prefix}{option_name(key)} must be {word}, not {shown(value)}") from None
 
 
 def validate(r: Request, where: str = "") -> Request:
@@ -127,60 +144,81 @@ def tiling(r: Request) -> tuple[int, int]:
 def _validate(r: Request) -> None:
     from sdcli.images import RESIZE_MODES, parse_extend  # numpy and PIL: not at start-up (cli reads this module)
     from sdcli.prompting import parse_prompt_attention
-    from sdcli.sampling import SAMPLERS, SCHEDULES
+    from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES
 
     def bad(message: str):
         raise SdcliError(message)
 
+    for name in _PROMPTS:
+        check_text(option_name(name), getattr(r, name))
     if r.sampler not in SAMPLERS:
-        bad(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if r.schedule is not None and r.schedule not in SCHEDULES:
-        bad(f"unknown schedule {r.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        bad(f"unknown sampler {shown(r.sampler)}; choose one of {', '.join(SAMPLERS)}")
+    if r.schedule is not None and r.schedule not in SCHEDULE_NAMES:
+        bad(f"unknown schedule {shown(r.schedule)}; choose one of {', '.join(SCHEDULE_NAMES)}")
     if not 1 <= r.steps <= 1000:
-        bad(f"--steps must be between 1 and 1000, not {r.steps}")
+        bad(f"--steps must be between 1 and 1000, not {shown(r.steps)}")
     for name in ("width", "height"):
         value = getattr(r, name)
-        if value is not None and (value < 8 or value % 8 or value > 8192):
-            fix = max(8, round(value / 8) * 8)
-            bad(f"--{name} {value} is not a multiple of 8 between 8 and 8192 (try {min(fix, 8192)})")
+        if value is not None and (value < 8 or value % 8 or value > MAX_SIZE):
+            fix = min(max(8, round(value / 8) * 8), MAX_SIZE) if value < 10 * MAX_SIZE else MAX_SIZE
+            bad(f"--{name} {shown(value)} is not a multiple of 8 between 8 and {MAX_SIZE} (try {fix})")
     if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
-        bad(f"--seed must be between 0 and {MAX_SEED}, not {r.seed}")
+        bad(f"--seed must be between 0 and {MAX_SEED}, not {shown(r.seed)}")
     if not 1 <= r.clip_skip <= 12:
-        bad(f"--clip-skip must be between 1 and 12, not {r.clip_skip}")
+        bad(f"--clip-skip must be between 1 and 12, not {shown(r.clip_skip)}")
     if not 1 <= r.n_images <= MAX_IMAGES or not 1 <= r.batch_size <= MAX_IMAGES:
         bad(f"--n-images and --batch-size must be between 1 and {MAX_IMAGES}")
     if not 0 <= r.cfg_scale <= 100:
-        bad(f"--cfg-scale must be between 0 and 100, not {r.cfg_scale}")
+        bad(f"--cfg-scale must be between 0 and 100, not {shown(r.cfg_scale)}")
     if r.strength is not None and not 0 < r.strength <= 1:
-        bad(f"--strength must be above 0 and at most 1, not {r.strength}")
+        bad(f"--strength must be above 0 and at most 1, not {shown(r.strength)}")
     if r.extend is not None:
         parse_extend(r.extend)
     for name in ("scale", "hires_scale"):
         value = getattr(r, name)
         if value is not None and not 1 <= value <= 16:
-            bad(f"{option_name(name)} must be between 1 and 16, not {value:g}" + (" (sdcli upscales; it does not shrink)"
-                                                                          if value < 1 else ""))
+            bad(f"{option_name(name)} must be between 1 and 16, not {shown(value)}"
+                + (" (sdcli upscales; it does not shrink)" if value < 1 else ""))
     if r.hires_strength is not None and not 0 < r.hires_strength <= 1:
-        bad(f"--hires-strength must be above 0 and at most 1, not {r.hires_strength}")
+        bad(f"--hires-strength must be above 0 and at most 1, not {shown(r.hires_strength)}")
     if r.hires_steps is not None and not 1 <= r.hires_steps <= 1000:
-        bad(f"--hires-steps must be between 1 and 1000, not {r.hires_steps}")
+        bad(f"--hires-steps must be between 1 and 1000, not {shown(r.hires_steps)}")
     if r.noise_level is not None and not 0 <= r.noise_level <= MAX_NOISE_LEVEL:
-        bad(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, not {r.noise_level}")
+        bad(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, not {shown(r.noise_level)}")
     tile, overlap = tiling(r)
-    if tile % 8 or not 64 <= tile <= 8192 or overlap % 8 or not 0 <= overlap <= tile // 2:
-        bad(f"--tile {tile} --tile-overlap {overlap}: the tile must be a multiple of 8 from 64 to 8192, "
-            "the overlap a multiple of 8 up to half the tile (--tile-overlap defaults to 128)")
+    if tile % 8 or not 64 <= tile <= MAX_SIZE or overlap % 8 or not 0 <= overlap <= tile // 2:
+        bad(f"--tile {shown(tile)} --tile-overlap {shown(overlap)}: the tile must be a multiple of 8 from 64 to "
+            f"{MAX_SIZE}, the overlap a multiple of 8 up to half the tile (--tile-overlap defaults to 128)")
     if r.crop_to_mask is not None and not 0 <= r.crop_to_mask <= 4096:
-        bad(f"--crop-to-mask padding must be between 0 and 4096 px, not {r.crop_to_mask}")
+        bad(f"--crop-to-mask padding must be between 0 and 4096 px, not {shown(r.crop_to_mask)}")
     if not 0 <= r.mask_blur <= 256:
-        bad(f"--mask-blur must be between 0 and 256 pixels, not {r.mask_blur}")
+        bad(f"--mask-blur must be between 0 and 256 pixels, not {shown(r.mask_blur)}")
     if r.resize not in RESIZE_MODES:
-        bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {r.resize!r}")
+        bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {shown(r.resize)}")
     if r.output is not None:
         check_output_name(r.output)
     # a malformed (word:weight) must stop the run before any image, not at its line
     parse_prompt_attention(r.prompt)
     parse_prompt_attention(r.negative_prompt)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: NUL, ESC, ...
+
+
+def check_text(name: str, text: str) -> None:
+    """A prompt as sdcli takes it: UTF-8 text (argv and files may hold other bytes), no control characters (a
+    NUL would cut the PNG text chunk it is stored in, an ESC would reach terminals) and at most
+    MAX_PROMPT_CHARS long."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise SdcliError(f"{name} is {len(text):,} characters long: sdcli takes up to {MAX_PROMPT_CHARS:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: the bytes of argv that were not UTF-8
+        raise SdcliError(f"{name} is not UTF-8 text (a byte 0x{ord(text[e.start]) & 0xFF:02x} at character "
+                         f"{e.start + 1}): fix the terminal's or the file's encoding") from None
+    if bad := _CONTROL.search(text):
+        raise SdcliError(f"{name} holds the control character {repr(bad[0])[1:-1]} at character {bad.start() + 1}: "
+                         "remove it")
 
 
 def merge(base: Request, settings: dict, where: str = "") -> Request:
@@ -192,7 +230,7 @@ def merge(base: Request, settings: dict, where: str = "") -> Request:
             raise SdcliError(f"{where}: {option_name(key)} applies to the whole run (the model is loaded once); "
                              "give it on the command line")
         if key not in REQUEST_KEYS:
-            raise SdcliError(f"{where}: unknown option {option_name(key)}; options are "
+            raise SdcliError(f"{where}: unknown option {option_name(key)[:64]}; options are "
                              f"{', '.join(option_name(k) for k in REQUEST_KEYS)}")
         if value is None:  # JSON/YAML null: not set
             continue
@@ -218,10 +256,10 @@ def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
 def check_run(settings: dict, where: str) -> dict:
     """Per-run settings (model, vae, prediction, precision, device) from a preset or an image: text only."""
     for key, value in settings.items():
-        if value is not None and (not isinstance(value, str) or not value):
-            raise SdcliError(f"{where}: {key} must be text (a path or a name), not {value!r}")
+        if value is not None and (not isinstance(value, str) or not value or "\x00" in value):
+            raise SdcliError(f"{where}: {key} must be text (a path or a name), not {shown(value)}")
     if settings.get("prediction") not in (None, "eps", "v"):
-        raise SdcliError(f"{where}: prediction must be 'eps' or 'v', not {settings['prediction']!r}")
+        raise SdcliError(f"{where}: prediction must be 'eps' or 'v', not {shown(settings['prediction'])}")
     return settings
 
 
@@ -250,30 +288,41 @@ NAME = "{seed}-{prompt}.png"  # the file name in an output folder
 UPSCALE_NAME = "{image}-{width}x{height}-{seed}.png"  # upscales are named after their input
 
 
+# a field's format spec: fill, alignment, sign, zero padding, a width and precision of up to 2 digits, a type
+# ({index:04d}); wider ones would let a template allocate gigabytes
+_SPEC = re.compile(r"(.?[<>=^])?[-+ ]?#?0?\d{0,2}(\.\d{1,2})?[sdxXof%]?")
+
+
 def _expand(template: str, fields: dict) -> str:
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise SdcliError(f"--output {template!r}: {e}") from None
-    for name in names:
+        raise SdcliError(f"--output {shown(template)}: {e}") from None
+    for name, spec in parsed:
+        if spec and not _SPEC.fullmatch(spec):
+            raise SdcliError(f"--output {shown(template)}: format {shown(spec)} of {{{name}}} is not one sdcli takes "
+                             "(a width of up to 2 digits, such as {index:04d})")
+    for name in (name for name, _ in parsed):
         if name not in fields:
-            raise SdcliError(f"--output {template!r}: unknown field {{{name}}}; use "
+            raise SdcliError(f"--output {shown(template)}: unknown field {{{name}}}; use "
                              + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
     try:
         return template.format_map(fields)
     except (ValueError, TypeError) as e:
-        raise SdcliError(f"--output {template!r}: {e}") from None
+        raise SdcliError(f"--output {shown(template)}: {e}") from None
 
 
 def check_output_name(output: str) -> None:
     """Template syntax, fields and the .png suffix, before any value is known."""
+    if "\x00" in output:
+        raise SdcliError("--output holds a NUL character: no file name can")
     template = output_template(output)
     if template == "-":
         return
     sample = dict(seed=1, prompt="p", image="i", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8,
                   height=8, model="m", date="d", time="t", batch_index=0)
     if not _expand(template, sample).lower().endswith(".png"):
-        raise SdcliError(f"--output {output!r}: sdcli writes PNG files (they carry the parameters); "
+        raise SdcliError(f"--output {shown(output)}: sdcli writes PNG files (they carry the parameters); "
                          "end the name with .png, or with / for a folder")
 
 
@@ -302,8 +351,11 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
         random_seed = r.seed is None
         base_seed = draw(MAX_SEED + 1 - r.n_images) if random_seed else r.seed
         width, height = size(r)
+        if max(width, height) > MAX_SIZE:  # the tasks say where a size comes from; this holds whatever it is
+            raise SdcliError(f"prompt {position + 1} would render at {width}x{height}, over {MAX_SIZE} px a side")
         r = dataclasses.replace(r, schedule=r.schedule or SAMPLERS[r.sampler].schedule, width=width, height=height)
         template = output_template(r.output, name)
+        settings = {**dataclasses.asdict(r), "output": None, "position": position, "model": model_name}  # once
         for i in range(r.n_images):
             seed = (base_seed + i) % (MAX_SEED + 1)
             resolved = dataclasses.replace(r, seed=seed)
@@ -314,10 +366,9 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
                           batch_index=i)
             path = _expand(template, fields)
             if path != "-" and not path.lower().endswith(".png"):
-                raise SdcliError(f"--output {path!r}: sdcli writes PNG files (they carry the parameters); "
+                raise SdcliError(f"--output {shown(path)}: sdcli writes PNG files (they carry the parameters); "
                                  "end the name with .png, or with / for a folder")
-            identity = {**dataclasses.asdict(r), "seed": None if random_seed else seed, "output": None,
-                        "position": position, "batch_index": i, "model": model_name}
+            identity = {**settings, "seed": None if random_seed else seed, "batch_index": i}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
             jobs.append(Job(resolved, position, len(jobs) + 1, i, path, key))
     _check_paths(jobs)

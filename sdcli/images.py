@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, shown
 
 RESIZE_MODES = ("stretch", "crop", "fit")
+MAX_INPUT_PIXELS = 8192 * 8192  # an input image may be as large as the largest render (200 MB as RGB)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit greyscale (PNG, TIFF)
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An RGB image, fully decoded now, so a damaged file fails before any model work."""
+    """An 8-bit RGB image, fully decoded now, so a damaged file fails before any model work. Its size is
+    checked from the header, before the pixels are decoded (Pillow's own bomb limit is larger)."""
+    import warnings
+
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_INPUT_PIXELS:
+                    raise SdcliError(f"{path} is {image.width}x{image.height} px, more than sdcli reads "
+                                     f"({MAX_INPUT_PIXELS // 10**6} megapixels): resize it first")
+                image.load()
+                return _to_rgb(image, path)
+    except Image.DecompressionBombError:
+        raise SdcliError(f"{path} is an image of over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels (a "
+                         "decompression bomb, or a huge image): resize it first") from None
     except UnidentifiedImageError:
         raise SdcliError(f"{path} is not an image file (PNG, JPEG, WebP, ...)") from None
     except FileNotFoundError:
@@ -29,6 +43,20 @@ def load_image(path: str | Path) -> Image.Image:
         raise SdcliError(f"cannot read image {path}: {e.strerror or e}") from None
     except (SyntaxError, ValueError, EOFError) as e:
         raise SdcliError(f"cannot read image {path}: {e}") from None
+
+
+def _to_rgb(image: Image.Image, path) -> Image.Image:
+    """Every mode Pillow opens, as 8-bit RGB: 16-bit greyscale scaled to 8 bits (Pillow's own conversion clips
+    it, turning nearly all of it white), the rest by Pillow; 32-bit integer and float images refuse by name,
+    since nothing says what range their values span."""
+    if image.mode in _SIXTEEN_BIT or (image.mode == "I" and image.format == "PNG"):  # older Pillows: PNG's as I
+        grey = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255
+        return Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        depth = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise SdcliError(f"{path} is a {depth} greyscale image (mode {image.mode}), whose range sdcli cannot "
+                         "know: save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def fit(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
@@ -131,11 +159,11 @@ def parse_extend(text: str) -> dict[str, int]:
     sides = dict.fromkeys(SIDES, 0)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
-        if name.strip() not in sides or not value.strip().isdigit():
-            raise SdcliError(f"--extend {text!r}: write sides as left=128,top=64 (left, top, right, bottom)")
+        if name.strip() not in sides or not re.fullmatch(r"[0-9]{1,5}", value.strip()):
+            raise SdcliError(f"--extend {shown(text)}: write sides as left=128,top=64 (left, top, right, bottom)")
         sides[name.strip()] = int(value)
     if any(v % 8 or v > 4096 for v in sides.values()) or not any(sides.values()):
-        raise SdcliError(f"--extend {text!r}: each side must be a multiple of 8 up to 4096, and one above 0")
+        raise SdcliError(f"--extend {shown(text)}: each side must be a multiple of 8 up to 4096, and one above 0")
     return sides
 
 

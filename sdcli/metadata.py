@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-import uuid
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -50,13 +50,17 @@ _SCHEDULE_NAMES = {label.lower(): name for name, label in SCHEDULE_LABELS.items(
 
 _NEGATIVE = "Negative prompt:"
 # One `Key: value` pair of the settings line; a value is either JSON-quoted (and may then hold
-# commas and colons) or runs to the next comma. Keys never hold commas or colons.
-_PAIR = re.compile(r'\s*(\w[^,:"\n]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_SIZE = re.compile(r"(\d+)x(\d+)")
+# commas and colons) or runs to the next comma. Keys never hold commas or colons, and are short: bounding
+# their length keeps a long line without colons linear to scan (unbounded, a 64 KiB one took a minute).
+_PAIR = re.compile(r'\s*(\w[^,:"\n]{0,63}?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")  # no size has more digits (and int() fails past 4,300)
 # A1111 treats the last line as settings only if it holds at least this many pairs;
 # otherwise the last line is part of the prompt.
 _MIN_PAIRS = 3
 
+# A parameters text of more than this many characters is not one sdcli or A1111 wrote: two prompts at their
+# limit (batch.MAX_PROMPT_CHARS) and a settings line fit in well under it
+MAX_PARAMETERS_CHARS = 65_536
 HASH_BLOCK = 8 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,8 +68,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _quote(value) -> str:
     """A value as A1111 writes it: JSON-quoted only if it would otherwise break the pair syntax."""
     text = str(value)
-    # A1111 quotes for , : and newline; we also quote a '"' so that `"a", b` can't be misread as quoted.
-    if any(c in text for c in ',:"\n'):
+    # A1111 quotes for , : and newline; we also quote a '"' so that `"a", b` can't be misread as quoted, and
+    # whitespace at either end, which reading strips.
+    if any(c in text for c in ',:"\n') or text != text.strip():
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -86,21 +91,22 @@ def _number(value: float) -> str:
 
 
 def to_parameters(record: dict) -> str:
-    """The A1111 infotext for an image record (the "parameters" PNG chunk)."""
+    """The A1111 infotext for an image record (the "parameters" PNG chunk); what a record read from a file
+    leaves out is left out (see read_parameters_text)."""
     hires, crop = record.get("hires_scale"), record.get("crop_to_mask")
     strength = record.get("hires_strength") if hires else record.get("strength")  # A1111: the hires pass's
     tiled = bool(hires or record.get("scale"))
     pairs = {
-        "Steps": record["steps"],
-        "Sampler": SAMPLER_LABELS.get(record["sampler"], record["sampler"]),
-        "Schedule type": SCHEDULE_LABELS.get(record["schedule"], record["schedule"]),
-        "CFG scale": _number(record["cfg_scale"]),
-        "Seed": record["seed"],
-        "Size": f"{record['width']}x{record['height']}",
+        "Steps": record.get("steps"),
+        "Sampler": SAMPLER_LABELS.get(record.get("sampler"), record.get("sampler")),
+        "Schedule type": SCHEDULE_LABELS.get(record.get("schedule"), record.get("schedule")),
+        "CFG scale": _number(record["cfg_scale"]) if record.get("cfg_scale") is not None else None,
+        "Seed": record.get("seed"),
+        "Size": f"{record['width']}x{record['height']}" if "width" in record and "height" in record else None,
         "Model hash": record.get("model_hash"),
         "Model": record.get("model") or None,
         "VAE": record.get("vae"),
-        "Clip skip": record["clip_skip"] if record.get("clip_skip", 1) > 1 else None,
+        "Clip skip": record["clip_skip"] if record.get("clip_skip") not in (None, 1) else None,
         "Denoising strength": _number(strength) if strength is not None else None,
         "Mask blur": record.get("mask_blur") if record.get("mask") else None,
         "Inpaint area": "Only masked" if crop is not None else None,
@@ -121,7 +127,7 @@ def to_parameters(record: dict) -> str:
     negative = record.get("negative_prompt") or ""
     negative_line = f"\n{_NEGATIVE} {negative}" if negative else ""
     # A1111 strips the whole text, so an empty prompt leaves the settings on the first line.
-    return f"{record['prompt']}{negative_line}\n{settings}".strip()
+    return f"{record.get('prompt', '')}{negative_line}\n{settings}".strip()
 
 
 def sampler_from_label(label: str) -> dict | None:
@@ -229,11 +235,11 @@ def png_info(record: dict) -> PngInfo:
     parameters = to_parameters(record)
     try:
         parameters.encode("latin-1")
-    except UnicodeEncodeError:  # tEXt holds latin-1 only; iTXt holds UTF-8
-        info.add_itxt("parameters", parameters)
+    except UnicodeEncodeError:  # tEXt holds latin-1 only; iTXt holds UTF-8 (a model file's name that is not
+        info.add_itxt("parameters", parameters.encode("utf-8", "backslashreplace"))  # UTF-8 is escaped)
     else:
         info.add_text("parameters", parameters)
-    info.add_itxt("sdcli", json.dumps(record))
+    info.add_itxt("sdcli", json.dumps(record))  # ASCII: json escapes the rest
     return info
 
 
@@ -263,14 +269,20 @@ def _ends_with_iend(path) -> bool:
 def _png_text(path) -> dict[str, str]:
     """All text chunks of a PNG file, with one-line errors for anything that isn't one."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only its text is read
+            image = Image.open(path)
+        with image:
             if image.format != "PNG":
                 raise SdcliError(f"{path} is a {image.format} image, not a PNG: no generation parameters to read")
             if not _ends_with_iend(path):  # cut short: without this check, `info` below would not notice
                 raise SdcliError(f"cannot read {path}: damaged PNG (truncated)")
             # sdcli and A1111 write their chunks before the pixels: `info` has them without decoding the image
             found = {k: v for k, v in image.info.items() if isinstance(v, str)}
-            return found if ("sdcli" in found or "parameters" in found) else dict(image.text)
+            found = found if ("sdcli" in found or "parameters" in found) else dict(image.text)
+    except Image.DecompressionBombError:  # Pillow's: a header of over 179 megapixels
+        raise SdcliError(f"cannot read {path}: an image of over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels, "
+                         "not one sdcli or A1111 wrote") from None
     except UnidentifiedImageError:
         if has_png_signature(path):  # Pillow can't tell a damaged PNG from a non-image
             raise SdcliError(f"cannot read {path}: damaged PNG") from None
@@ -279,26 +291,57 @@ def _png_text(path) -> dict[str, str]:
         raise SdcliError(f"cannot read {path}: {e.strerror or e}") from None
     except (SyntaxError, ValueError, EOFError) as e:  # what Pillow raises for a damaged PNG
         raise SdcliError(f"cannot read {path}: damaged PNG ({e})") from None
+    for name in ("sdcli", "parameters"):
+        if len(found.get(name, "")) > MAX_PARAMETERS_CHARS:
+            raise SdcliError(f"{path}: its {name!r} text is {len(found[name]):,} characters long, more than "
+                             f"generation parameters take ({MAX_PARAMETERS_CHARS:,}): not one sdcli or A1111 wrote")
+    return found
 
 
 def read_parameters_text(path) -> str:
     """The A1111 "parameters" text of a PNG (made from sdcli's JSON record if only that is present)."""
     text = _png_text(path).get("parameters")
-    return str(text) if text is not None else to_parameters(read_png(path))
+    if text is not None:
+        return str(text)
+    try:
+        return to_parameters(read_png(path))
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # a field of the wrong type
+        raise SdcliError(f"{path}: its \"sdcli\" parameters chunk is damaged (a field of the wrong type: {e})") \
+            from None
 
 
 def read_png(path) -> dict:
-    """The image record of a PNG: sdcli's own JSON if present, else parsed from A1111's parameters."""
+    """The image record of a PNG: sdcli's own JSON if present and sound, else parsed from A1111's parameters.
+    The record's values are checked where they are used (batch.merge, batch.check_run); the fields read here
+    directly are given their types."""
     chunks = _png_text(path)
-    try:
-        record = json.loads(chunks["sdcli"])
-    except (KeyError, json.JSONDecodeError):  # not written by sdcli, or a damaged chunk
-        record = None
-    if isinstance(record, dict):
-        return record
-    if "parameters" not in chunks:
-        raise SdcliError(f"{path} has no generation parameters (no \"parameters\" or \"sdcli\" text chunk)")
-    return from_parameters(str(chunks["parameters"]))
+    damage = None
+    if "sdcli" in chunks:
+        try:
+            record = json.loads(chunks["sdcli"])
+            damage = None if isinstance(record, dict) else "not a JSON object"
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, numbers of over 4,300 digits, deep nesting
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deep" if isinstance(
+                e, RecursionError) else str(e)
+            damage = f"not JSON: {reason}"
+        if damage is None:
+            return _typed(record)
+    if "parameters" in chunks:  # A1111's text, or ours beside a damaged record
+        return from_parameters(str(chunks["parameters"]))
+    if damage:
+        raise SdcliError(f"{path}: its \"sdcli\" parameters chunk is damaged ({damage}) and it has no A1111 "
+                         "\"parameters\" text to fall back on")
+    raise SdcliError(f"{path} has no generation parameters (no \"parameters\" or \"sdcli\" text chunk)")
+
+
+def _typed(record: dict) -> dict:
+    """An sdcli record with the fields that are not options (so not checked by batch.merge) of the right type, or
+    dropped: the job key for --resume, A1111's extra settings, the model's hash and name."""
+    kinds = {"job": str, "extra": dict, "model_hash": str, "model": str}
+    record = {k: v for k, v in record.items() if k not in kinds or isinstance(v, kinds[k])}
+    if "extra" in record:
+        record["extra"] = {str(k): str(v) for k, v in record["extra"].items()}
+    return record
 
 
 def _cache_file() -> Path:
@@ -316,7 +359,9 @@ def _load_cache(cache: Path) -> dict:
 
 def _save_cache(cache: Path, data: dict) -> None:
     """Replace the cache file atomically; a cache that can't be written is simply not kept."""
-    tmp = cache.with_name(f".{cache.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    from sdcli.fileio import temp_name
+
+    tmp = temp_name(cache)  # a killed write's leftover is then recognised as one
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")

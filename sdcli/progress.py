@@ -6,6 +6,8 @@ import contextlib
 import sys
 from typing import Callable, Iterator
 
+from sdcli.errors import printable
+
 
 class Progress:
     """A batch bar and a per-image step bar (step, it/s, ETA), shown only on a terminal and without --quiet."""
@@ -19,6 +21,7 @@ class Progress:
         self._bar = None
 
     def message(self, text: str, force: bool = False) -> None:
+        text = printable(text)  # notes echo paths and prompts: no escape sequence reaches the terminal
         if force or not self.quiet:
             if self._bar is not None:
                 self._bar.console.print(text, markup=False, highlight=False)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from sdcli.errors import SdcliError, shown
 
-from sdcli.errors import SdcliError
+if TYPE_CHECKING:  # torch is imported where prompts are tokenized: checking their syntax needs none
+    import torch
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -32,7 +34,10 @@ _ATTENTION = re.compile(
     """,
     re.X,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\bBREAK\b")  # and the whitespace around it, stripped (a regex doing that is quadratic)
+MAX_WEIGHT = 100  # emphasis weights, nested or given, beyond which the text encoder's output is no longer finite
+MAX_NESTING = 100  # brackets open at once: 1.1 ** 100 is far past MAX_WEIGHT, and each fragment is multiplied
+# once per bracket around it, so the parse stays linear in the prompt
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -55,10 +60,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             res.append([m["escaped"], 1.0])
         elif m["backslash"] is not None:
             continue
-        elif m["open"] == "(":
-            rounds.append(len(res))
-        elif m["open"] == "[":
-            squares.append(len(res))
+        elif m["open"] is not None:
+            (rounds if m["open"] == "(" else squares).append(len(res))
+            if len(rounds) + len(squares) > MAX_NESTING:
+                raise SdcliError(f"the prompt's emphasis brackets nest more than {MAX_NESTING} deep (or stay open): "
+                                 "close them, or write a literal bracket as \\( or \\[")
         elif m["weight"] is not None and rounds:
             try:
                 weight = float(m["weight"])
@@ -70,10 +76,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif m["close"] == "]" and squares:
             multiply(squares.pop(), SQUARE_MULTIPLIER)
         else:  # text, a lone ':', or a closing bracket / weight with nothing open: literal text
-            for i, part in enumerate(_BREAK.split(m[0])):
+            parts = _BREAK.split(m[0])
+            for i, part in enumerate(parts):
                 if i:
                     res.append(["BREAK", BREAK_WEIGHT])
-                res.append([part, 1.0])
+                part = part.lstrip() if i else part
+                res.append([part.rstrip() if i < len(parts) - 1 else part, 1.0])
 
     # Unclosed brackets reach to the end; all "(" first, then all "[", as A1111 (float products depend on order).
     for start in rounds:
@@ -81,6 +89,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in squares:
         multiply(start, SQUARE_MULTIPLIER)
 
+    for fragment, weight in res:
+        if not abs(weight) <= MAX_WEIGHT and (fragment, weight) != ("BREAK", BREAK_WEIGHT):
+            raise SdcliError(f"the prompt gives {shown(fragment, 30)} a weight of {weight:g}: emphasis weights go up "
+                             f"to {MAX_WEIGHT} (fewer brackets, or (word:1.5))")
     merged: list[list] = []
     for item in res:
         if merged and merged[-1][1] == item[1]:
@@ -144,6 +156,8 @@ def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtr
             weights.append(weight)
     if tokens or not chunks:
         close_chunk()
+    import torch
+
     ids_list, weights_list = zip(*chunks, strict=True)
     return PromptChunks(torch.tensor(ids_list, dtype=torch.long), torch.tensor(weights_list, dtype=torch.float32))
 
@@ -154,6 +168,8 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1) -> torch.Tenso
     Shorter prompts are padded with chunks of the encoded empty prompt, as A1111 pads cond and uncond.
     All chunks go through the text encoder in one batch.
     """
+    import torch
+
     chunk_length = model.cfg.text.max_positions - 2
     per_prompt = [tokenize_prompt(model.tokenizer, p, chunk_length) for p in prompts]
     counts = [c.ids.shape[0] for c in per_prompt]

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Iterable
 
 from sdcli.batch import (
-    OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge, option_name, request_key,
+    MAX_RUN_IMAGES, OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge, option_name,
+    request_key,
 )
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, shown
+
+MAX_FILE_BYTES = 64 << 20  # a prompts file or preset: far more than MAX_RUN_IMAGES prompts need
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -39,12 +42,13 @@ def load_preset(name: str) -> tuple[dict, dict]:
         if not path.is_file():
             raise SdcliError(f"unknown preset {name!r}; bundled presets: {', '.join(preset_names())} "
                              "(or give a .yaml file)")
+    text = "\n".join(read_text(path, f"preset {path}"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SdcliError(f"cannot read preset {path}: {e.strerror or e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SdcliError(f"preset {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        data = yaml.safe_load(text)
+    # PyYAML's constructors raise what Python does for scalars they cannot build (a 13th month, 5,000 digits)
+    except (yaml.YAMLError, RecursionError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError) as e:
+        raise SdcliError(f"preset {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -57,7 +61,7 @@ def load_preset(name: str) -> tuple[dict, dict]:
         elif key in REQUEST_KEYS and key != "prompt":
             request[key] = value
         else:
-            raise SdcliError(f"preset {path}: unknown key {name!r}; keys are "
+            raise SdcliError(f"preset {path}: unknown key {shown(name)}; keys are "
                              f"{', '.join(k for k in REQUEST_KEYS + RUN_KEYS if k != 'prompt')}")
     merge(Request(), request, f"preset {path}")  # check values now
     return request, check_run(run, f"preset {path}")
@@ -78,6 +82,9 @@ def parse_prompt_line(line: str, where: str) -> dict:
             return json.loads(line)  # starts with "{": an object or an error
         except json.JSONDecodeError as e:
             raise SdcliError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # numbers of over 4,300 digits, nesting too deep for Python
+            raise SdcliError(f"{where}: not valid JSON ({'nested too deep' if isinstance(e, RecursionError) else e})") \
+                from None
     match = _OPTIONS_START.search(line)
     text, rest = (line[: match.start(1)], line[match.start(1):]) if match else (line, "")
     settings: dict = {"prompt": text.strip()} if text.strip() else {}
@@ -90,7 +97,7 @@ def parse_prompt_line(line: str, where: str) -> dict:
         word = words[i]
         name, _, value = word.partition("=")
         if not name.startswith("-"):
-            raise SdcliError(f"{where}: unexpected {word!r} after the options; put the prompt first "
+            raise SdcliError(f"{where}: unexpected {shown(word)} after the options; put the prompt first "
                              "or quote it with --prompt")
         key = SHORT_OPTIONS.get(name, request_key(name))
         if key in _RUN_ONLY:
@@ -101,7 +108,7 @@ def parse_prompt_line(line: str, where: str) -> dict:
             if key in OPTIONAL_VALUES and not (i + 1 < len(words) and words[i + 1].isdigit()):
                 value = OPTIONAL_VALUES[key]  # its value left out
             elif i + 1 == len(words):
-                raise SdcliError(f"{where}: {name} needs a value")
+                raise SdcliError(f"{where}: {name[:64]} needs a value")
             else:
                 i += 1
                 value = words[i]
@@ -120,15 +127,42 @@ def read_prompts(lines: Iterable[str], source: str, base: Request, need_prompt: 
         if need_prompt and not request.prompt.strip():
             raise SdcliError(f"{where}: no prompt")
         requests.append(request)
+        if len(requests) > MAX_RUN_IMAGES:
+            raise SdcliError(f"{source} holds more than {MAX_RUN_IMAGES:,} prompts, more than a run renders: split it")
     if not requests:
         raise SdcliError(f"{source} has no prompts")
     return requests
 
 
 def read_prompts_file(path: str, base: Request, need_prompt: bool = True) -> list[Request]:
+    return read_prompts(read_text(path, f"prompts file {path}"), path, base, need_prompt)
+
+
+def read_stdin(base: Request, need_prompt: bool = True) -> list[Request]:
+    import sys
+
+    data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)  # bytes: a line that is not UTF-8 gets its line number
+    return read_prompts(decode_lines(data, "stdin"), "stdin", base, need_prompt)
+
+
+def read_text(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file of at most MAX_FILE_BYTES, or a one-line error."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad starts UTF-8 files with a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e)
-        raise SdcliError(f"cannot read prompts file {path}: {reason}") from None
-    return read_prompts(text.splitlines(), path, base, need_prompt)
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise SdcliError(f"cannot read {what}: {e.strerror or e}") from None
+    return decode_lines(data, what)
+
+
+def decode_lines(data: bytes, what: str) -> list[str]:
+    """UTF-8 bytes (a BOM, as Notepad writes, allowed) -> lines split at newlines only, as they are numbered."""
+    if len(data) > MAX_FILE_BYTES:
+        raise SdcliError(f"{what} is over {MAX_FILE_BYTES >> 20} MiB: split it")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SdcliError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): save it as "
+                         "UTF-8") from None
+    return text.split("\n")

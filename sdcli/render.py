@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import Job, Request, check_outputs, check_run, done_keys, merge, plan
+from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
 from sdcli.errors import SdcliError
+from sdcli.fileio import write_stdout
 from sdcli.progress import Progress
-from sdcli.prompts_file import load_preset, read_prompts, read_prompts_file
+from sdcli.prompts_file import load_preset, read_prompts_file, read_stdin
 
 if TYPE_CHECKING:
     from sdcli.tasks import Task
@@ -84,14 +84,17 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
     if from_file:
         return read_prompts_file(from_file, base, task.needs_prompt), run_settings, record
     if prompt == "-":
-        return read_prompts(sys.stdin, "stdin", base, task.needs_prompt), run_settings, record
+        return read_stdin(base, task.needs_prompt), run_settings, record
     if images:
-        return [dataclasses.replace(base, image=i, prompt=prompt or base.prompt) for i in images], run_settings, record
-    if prompt is not None:
-        return [dataclasses.replace(base, prompt=prompt)], run_settings, record
-    if from_image or not task.needs_prompt:
-        return [base], run_settings, record
-    raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image PNG")
+        requests = [dataclasses.replace(base, image=i, prompt=prompt or base.prompt) for i in images]
+    elif prompt is not None:
+        requests = [dataclasses.replace(base, prompt=prompt)]
+    elif from_image or not task.needs_prompt:
+        requests = [base]
+    else:
+        raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image "
+                         "PNG")
+    return [validate(r) for r in requests], run_settings, record  # the prompt from argv, not yet checked
 
 
 def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
@@ -101,8 +104,6 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
 
     Under torchrun every process plans the whole run the same way (the same names, seeds and checks; rank 0's
     clock and random seeds), then renders its share of the batches (see _share)."""
-    from sdcli.engine import pick_device, pick_precision
-    from sdcli.loading import inspect_model
     from sdcli.tasks import TASKS
 
     task = TASKS[task]  # the name, from here on the task itself
@@ -114,16 +115,17 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     if processes > 1 and any(r.output == "-" for r in requests):
         raise SdcliError(f"writing images to stdout does not work under torchrun ({processes} processes): "
                          "give an output folder")
-    sources = _load_inputs(task, requests)
-    model_path = settings.get("model")
-    if not model_path:
-        model_path = demo_model()
-        if distributed.is_main():
-            Progress(quiet=opts.quiet).message(
-                "using the built-in demo model (64x64 coloured shapes, e.g. \"a large red circle on a blue background "
-                "in the top left\"); for real images pass --model/-m FILE.safetensors|FOLDER or set SDCLI_MODEL")
     if opts.as_json and any(r.output == "-" for r in requests):
         raise SdcliError("--json and -o - would both write to stdout: choose one")
+    if (total := sum(r.n_images for r in requests)) > MAX_RUN_IMAGES:
+        raise SdcliError(f"the run asks for {total:,} images, more than the {MAX_RUN_IMAGES:,} a run renders: "
+                         "split the prompts or lower --n-images")
+    sources = _load_inputs(task, requests)
+    # everything above reads only the user's input; the model (and torch) come from here on
+    from sdcli.engine import pick_device, pick_precision
+    from sdcli.loading import inspect_model
+
+    model_path = settings.get("model") or demo_model()
     device = distributed.device_for_rank(pick_device(settings.get("device") or "auto"))
     precision = pick_precision(settings.get("precision") or "auto", device)
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
@@ -183,6 +185,12 @@ def _plan_and_render(run: Run) -> None:
     check_outputs(jobs, run.opts.overwrite)
     if not jobs:
         return
+    if processes == 1:  # a killed run's half-written images (under torchrun, the process ids are other hosts')
+        from sdcli.fileio import clean_stale_temps
+
+        for folder in sorted({Path(j.path).parent for j in jobs if j.path != "-"}):
+            if note := clean_stale_temps([folder], folder):
+                console.message(note)
     distributed.barrier()  # every process has checked the outputs (and read --resume's) before any is written
     total = len(jobs)
     jobs = _share(jobs, rank, processes)
@@ -191,6 +199,12 @@ def _plan_and_render(run: Run) -> None:
 
     from sdcli.metadata import model_hash
 
+    if not run.settings.get("model") and rank == 0:  # said once every check has passed: errors stay one line
+        console.message("using the built-in demo model (64x64 coloured shapes, e.g. \"a large red circle on a blue "
+                        "background in the top left\"); for real images pass --model/-m FILE.safetensors|FOLDER or "
+                        "set SDCLI_MODEL")
+    for note in run.checkpoint.notes if rank == 0 else ():  # what the model's files left unsaid, sdcli assumed
+        console.message(f"note: {run.model_path}: {note}")
     engine = Engine(run.checkpoint.load(run.device), run.device, run.precision,
                     vae_tiling=run.settings.get("vae_tiling"))
     vae = run.settings.get("vae")
@@ -245,7 +259,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                     written += 1
                     bar.advance()
                     if opts.as_json:
-                        print(json.dumps({"path": job.path, **record, "seconds": round(seconds, 3)}), flush=True)
+                        write_stdout(json.dumps({"path": job.path, **record, "seconds": round(seconds, 3)}) + "\n")
                     console.message(f"{'stdout' if job.path == '-' else job.path}  seed {job.request.seed}  "
                                     f"{seconds:.1f} s", force=True)  # the seed is always printed
         except KeyboardInterrupt:
@@ -286,8 +300,7 @@ def _write(job: Job, pixels, record: dict, overwrite: bool) -> None:
 
     data = encode_png(Image.fromarray(pixels), record)
     if job.path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        write_stdout(data)
         return
     path = Path(job.path)
     try:

@@ -262,21 +262,21 @@ def test_integer_tensor_where_a_float_belongs(tiny, tmp_path, run_cli):
     assert_cli_error(run_cli, path, "wrong kind", key, "int8")
 
 
-@pytest.mark.parametrize("component,key,value,needle", [
-    ("unet", "cross_attention_dim", None, "context_dim must be an integer"),
-    ("unet", "cross_attention_dim", [1, 2], "context_dim must be an integer"),
-    ("unet", "in_channels", "4", "in_channels must be an integer"),
-    ("unet", "in_channels", -1, "in_channels must be an integer"),
+@pytest.mark.parametrize("component,key,value,needle", [  # the file's own key is named, with what it may be
+    ("unet", "cross_attention_dim", None, "cross_attention_dim is None; sdcli needs an integer"),
+    ("unet", "cross_attention_dim", [1, 2], "cross_attention_dim is [1, 2]; sdcli needs an integer"),
+    ("unet", "in_channels", "4", "in_channels is '4'; sdcli needs an integer"),
+    ("unet", "in_channels", -1, "in_channels is -1; sdcli needs an integer from 1 to"),
     ("text_encoder", "num_attention_heads", 3, "does not split into 3 heads"),
-    ("text_encoder", "num_attention_heads", 0, "heads must be an integer"),
-    ("text_encoder", "hidden_size", None, "width must be an integer"),
-    ("text_encoder", "num_hidden_layers", "2", "layers must be an integer"),
-    ("text_encoder", "hidden_act", None, "unsupported text encoder activation"),
-    ("vae", "layers_per_block", None, "num_res_blocks must be an integer"),
-    ("vae", "scaling_factor", float("nan"), "scaling_factor nan is not a positive number"),
-    ("scheduler", "prediction_type", ["epsilon"], "unsupported prediction_type"),
-    ("scheduler", "beta_schedule", "foo", "unsupported beta_schedule 'foo'"),
-    ("scheduler", "beta_start", "x", "betas must satisfy"),
+    ("text_encoder", "num_attention_heads", 0, "num_attention_heads is 0; sdcli needs an integer from 1 to"),
+    ("text_encoder", "hidden_size", None, "hidden_size is None; sdcli needs an integer"),
+    ("text_encoder", "num_hidden_layers", "2", "num_hidden_layers is '2'; sdcli needs an integer"),
+    ("text_encoder", "hidden_act", None, "hidden_act is None; sdcli needs one of 'quick_gelu', 'gelu'"),
+    ("vae", "layers_per_block", None, "layers_per_block is None; sdcli needs an integer"),
+    ("vae", "scaling_factor", float("nan"), "scaling_factor is nan; sdcli needs a positive number"),
+    ("scheduler", "prediction_type", ["epsilon"], "prediction_type is ['epsilon']; sdcli needs one of"),
+    ("scheduler", "beta_schedule", "foo", "beta_schedule is 'foo'; sdcli needs one of 'linear', 'scaled_linear'"),
+    ("scheduler", "beta_start", "x", "beta_start is 'x'; sdcli needs a number between 0 and 1"),
 ])
 def test_wrong_config_values(tiny, tmp_path, run_cli, component, key, value, needle):
     folder = tmp_path / "folder"
@@ -309,18 +309,18 @@ def test_damaged_diffusers_configs(tiny, tmp_path, run_cli, damage):
         cfg = json.loads(vae_cfg.read_text())
         cfg["block_out_channels"] = []
         vae_cfg.write_text(json.dumps(cfg))
-        needle = "not a config sdcli can use"
+        needle = "block_out_channels is []; sdcli needs a list of 1 to"
     elif damage == "bad-scale":
         cfg = json.loads(vae_cfg.read_text())
         cfg["scaling_factor"] = "abc"
         vae_cfg.write_text(json.dumps(cfg))
-        needle = "scaling_factor 'abc' is not a positive number"
+        needle = "scaling_factor is 'abc'; sdcli needs a positive number"
     else:
         sched = folder / "scheduler" / "scheduler_config.json"
         cfg = json.loads(sched.read_text())
         cfg["prediction_type"] = "sample"
         sched.write_text(json.dumps(cfg))
-        needle = "unsupported prediction_type 'sample'"
+        needle = "prediction_type is 'sample'; sdcli needs one of"
     assert_cli_error(run_cli, folder, needle)
 
 

@@ -150,7 +150,7 @@ def test_never_overwrites_without_flag(model, run_cli):
     (["x", "--schedule", "karas"], "unknown schedule 'karas'"),
     (["x", "-m", "missing.safetensors"], "model not found: missing.safetensors"),
     (["--from-file", "nope.txt"], "cannot read prompts file nope.txt"),
-    (["--from-file", "binary.txt"], "cannot read prompts file binary.txt: not UTF-8 text"),
+    (["--from-file", "binary.txt"], "prompts file binary.txt is not UTF-8 text (byte 0x"),
     (["--from-file", "bad-line.txt"], "bad-line.txt line 2: unknown option --stepz"),
     (["--from-file", "bad-value.txt"], "bad-value.txt line 1: --steps must be a whole number, not 'many'"),
     (["x", "--preset", "typo.yaml"], "preset typo.yaml: unknown key 'cfg_sacle'"),

@@ -13,7 +13,7 @@ import torch
 
 from sdcli.engine import Engine, Sampling
 from sdcli.loading import load_model
-from sdcli.sampling import SAMPLERS, SCHEDULES, DiscreteSigmas
+from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, DiscreteSigmas
 from sdcli.sampling.samplers import _lms_coefficient
 from sdcli.tasks.txt2img import txt2img
 from sdcli.config import NoiseSchedule
@@ -115,6 +115,7 @@ def test_pndm_v_prediction(setups):
 def test_every_sampler_and_schedule_is_covered():
     assert {s for s, _ in CASES} == set(SAMPLERS)
     assert {sch for _, sch in CASES} == set(SCHEDULES)
+    assert SCHEDULE_NAMES == tuple(SCHEDULES)  # the torch-free names the CLI checks --schedule against
 
 
 def test_schedules_closed_form():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
 
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, printable
 
 app = typer.Typer(
     name="sdcli",
@@ -32,14 +33,19 @@ def _optional_values(args: list[str]) -> list[str]:
     return out
 
 
+_STREAM_ERRORS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
 def main() -> None:
     """Console entry point: every mistake of the user's is one line on stderr and exit code 2."""
+    from sdcli.fileio import write_stdout
     from sdcli.runtime import keep_freed_memory
 
     keep_freed_memory()  # before any model runs: see sdcli.runtime
     args = _optional_values(sys.argv[1:]) or ["--help"]  # a bare `sdcli` shows the help
     try:
         code = app(args, prog_name="sdcli", standalone_mode=False)
+        write_stdout("")  # what is still buffered (help, info), while a failure can be reported
     except (KeyboardInterrupt, typer.Abort):
         print("sdcli: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -47,10 +53,15 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx else ""
         message = (e.format_message() if hasattr(e, "format_message") else str(e)).replace("Value error, ", "")
-        print(f"sdcli: error: {' '.join(message.split())}{hint}", file=sys.stderr)  # one line, always
+        print(f"sdcli: error: {printable(' '.join(message.split()))}{hint}", file=sys.stderr)  # one line, always
         sys.exit(getattr(e, "exit_code", 2))
-    except SdcliError as e:
-        print(f"sdcli: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)  # one line, even for odd paths
+    except OSError as e:
+        if e.filename is not None or e.errno not in _STREAM_ERRORS:
+            raise  # not the user's stdout: a bug, with its traceback
+        print(f"sdcli: error: cannot write to stdout: {e.strerror}", file=sys.stderr)  # `sdcli --help > /dev/full`
+        sys.exit(2)
+    except SdcliError as e:  # one line, even for odd paths; what it echoes from files cannot drive the terminal
+        print(f"sdcli: error: {printable(str(e).replace(chr(10), ' '))}", file=sys.stderr)
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

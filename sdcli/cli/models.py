@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from sdcli.cli.options import ModelArg, PredictionOpt, VaeOpt
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, printable
 
 
 def info(
@@ -21,19 +21,25 @@ def info(
 ):
     """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only),
     or the generation parameters stored in a PNG."""
+    from sdcli.fileio import write_stdout
+
     if _is_png(model):
         from sdcli.metadata import read_parameters_text, read_png
 
         if vae or prediction:
             raise SdcliError("--vae and --prediction apply to models, not to images")
-        print(json.dumps(read_png(model)) if as_json else read_parameters_text(model))
+        # the text is the file's: escaped (json.dumps escapes every control character itself)
+        text = json.dumps(read_png(model)) if as_json else printable(read_parameters_text(model), keep="\n\t")
+        write_stdout(text + "\n")
         return
     from sdcli.loading import inspect_model
 
     summary = inspect_model(model, vae=vae, prediction=prediction.value if prediction else None).summary()
-    if as_json:
-        print(json.dumps(summary))
-        return
+    write_stdout((json.dumps(summary) if as_json else _describe(summary)) + "\n")
+
+
+def _describe(summary: dict) -> str:
+    """`sdcli info`'s lines for a model; what they echo from its files (paths, names) escaped."""
     text = summary["text_encoder"]
     fmt = {"single-file": "single-file safetensors (original LDM layout)", "diffusers": "diffusers folder"}
     rows = [
@@ -51,9 +57,8 @@ def info(
         rows.append(("vae file", summary["vae_file"]))
     for name, comp in summary["components"].items():
         rows.append((name.replace("_", " "), f"{comp['parameters'] / 1e6:,.2f}M parameters, {'/'.join(comp['dtypes'])}"))
-    print(summary["path"])
-    for key, value in rows:
-        print(f"  {key:<13} {value}")
+    rows += [("note", note) for note in summary["notes"]]
+    return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
 
 
 def _is_png(path: str) -> bool:

@@ -4,13 +4,13 @@
     model = ckpt.load(device, dtype)  # tensors go straight into the modules (mmap, assign=True)
 
 or `load_model(path, ...)` for both steps; `load_vae(path)` for a VAE alone. The readers live in
-single_file.py and folder.py, --vae in vae.py, the strict check in check.py, and component.py holds the
-one loader that fills a meta-device module (with the patch step of patch.py between reading and assigning).
+single_file.py and folder.py (diffusers configs read through settings.py: every value typed and bounded),
+--vae in vae.py, the strict check in check.py, and component.py holds the one loader that fills a
+meta-device module (with the patch step of patch.py between reading and assigning).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +60,10 @@ def open_checkpoint(path: str | Path, vae: str | Path | None = None, prediction:
         raise ModelLoadError(f"unknown prediction type {prediction!r}: use 'eps' or 'v'")
     if not exists(path):
         raise ModelLoadError(f"model not found: {path}")
-    ckpt = read_folder(path) if path.is_dir() else read_single_file(path, open_safetensors(path))
+    if path.is_dir():
+        ckpt = read_folder(path, prediction_given=prediction is not None)
+    else:
+        ckpt = read_single_file(path, open_safetensors(path))
     if vae is not None:
         ckpt = with_vae(ckpt, Path(vae).expanduser())
     if "vae" not in ckpt.parts:
@@ -90,7 +93,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         vae_cfg, part, scale = ckpt.config.vae, ckpt.parts["vae"], ckpt.config.latent_scale
     else:
         vae_cfg, part, scale = vae_part(path)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+    if scale is None:  # a VAE folder's config checked it when it gives one
         scale = 0.18215
     with torch.device("meta"):
         vae = AutoencoderKL(vae_cfg)

@@ -25,6 +25,9 @@ class Checkpoint:
     prediction_source: str
     tokenizer_dir: Path | None = None
     vae_path: Path | None = None
+    # what the files do not say and sdcli assumed, one line each (a diffusers folder's missing scheduler config):
+    # `sdcli info` shows them, generate prints them
+    notes: tuple[str, ...] = ()
     checked: bool = field(default=False, repr=False)  # the strict comparison passed (inspect, then load)
 
     def meta_model(self):
@@ -93,6 +96,7 @@ class Checkpoint:
             "task": cfg.task,
             "prediction": cfg.prediction,
             "prediction_source": self.prediction_source,
+            "notes": list(self.notes),
             "latent_scale": cfg.latent_scale,
             "latent_channels": cfg.vae.embed_dim,
             "vae_factor": cfg.vae.downsample_factor,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
 
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, printable
 from sdcli.fileio import atomic_path, check_output
+from sdcli.loading.files import converted_name, open_safetensors
 
 
 def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
@@ -19,13 +21,17 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise SdcliError(f"checkpoint not found: {src}")
+    if _same_file(src, dst):
+        raise SdcliError(f"{dst} is the checkpoint being converted: write to another file, e.g. {converted_name(src)}")
     if dst.suffix != ".safetensors":
         raise SdcliError(f"the output must end in .safetensors, not {dst.name}")
     check_output(dst, overwrite)  # before the (possibly long) read
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
+        # a file object, not the path: torch.load reads a path named .safetensors as safetensors, which a pickle
+        # under that name is not
+        with open(src, "rb") as f, warnings.catch_warnings():  # torch warns about pickle protocols
             warnings.simplefilter("ignore")
-            obj = torch.load(src, map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types: disallowed objects, truncated archives, not a pickle
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:
@@ -36,10 +42,13 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
         refused = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
         if refused:
             raise SdcliError(
-                f"{src} was not loaded: reading tensors only refused it ({refused.group(1).strip()}); "
+                f"{src} was not loaded: reading tensors only refused it ({printable(refused.group(1).strip())}); "
                 "it holds more than tensors or is not a PyTorch checkpoint"
             ) from None
-        raise SdcliError(f"{src} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"[:300]) from None
+        if src.suffix == ".safetensors" and _is_safetensors(src):
+            raise SdcliError(f"{src} is a safetensors file already: sdcli loads it as it is") from None
+        raise SdcliError(printable(f"{src} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")[:300]) \
+            from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning nests the weights
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -62,3 +71,19 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
         except SafetensorError as e:  # safetensors reports its I/O failures this way
             raise OSError(str(e)) from None
     return len(tensors)
+
+
+def _same_file(src: Path, dst: Path) -> bool:
+    """The same path once resolved (symlinks, ..), or the same file under another name (a hard link)."""
+    try:
+        return src.resolve() == dst.resolve() or (dst.exists() and os.path.samefile(src, dst))
+    except OSError:  # dst unreadable or its name too long: check_output says why
+        return False
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        open_safetensors(path)  # its header only, bounded
+        return True
+    except SdcliError:
+        return False

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+from sdcli.architecture import MAX_WIDTH
 from sdcli.config import NoiseSchedule, TextEncoderConfig, UNetConfig, VAEConfig
-from sdcli.errors import ModelLoadError
+from sdcli.errors import ModelLoadError, shown
+from sdcli.loading.settings import FLAG, REQUIRED, Settings, field_of, integer, number, text
 
 Shapes = dict[str, tuple[int, ...]]  # keys relative to the component (prefix removed)
 
@@ -122,83 +124,106 @@ def _unsupported(source: str, what: str) -> ModelLoadError:
 
 
 def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
-    widths = list(c["block_out_channels"])
-    n = len(widths)
-    mc = widths[0]
+    """A UNet2DConditionModel config (read from `source`, named in errors): every value checked first."""
+    s = Settings(c, source)
     for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
         if c.get(key) is not None:
-            raise _unsupported(source, f"UNet option {key}={c[key]!r}")
-    if c.get("norm_num_groups", 32) != 32 or any(w % mc for w in widths):
-        raise _unsupported(source, f"UNet widths {widths} / norm groups {c.get('norm_num_groups')}")
-    attention = tuple("CrossAttn" in t for t in c["down_block_types"])
+            raise _unsupported(source, f"UNet option {key}={shown(c[key])}")
+    widths = s.levels("block_out_channels", field_of(UNetConfig, "model_channels"))
+    n, mc = len(widths), widths[0]
+    groups = s.get("norm_num_groups", integer(1, MAX_WIDTH), 32, null=True)
+    if groups != 32 or any(w % mc for w in widths):
+        raise _unsupported(source, f"UNet widths {list(widths)} / norm groups {groups}")
+    attention = tuple("CrossAttn" in t for t in s.levels("down_block_types", text(), count=n))
     # diffusers' "attention_head_dim" is historically the number of heads
-    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
-    heads = [heads] * n if isinstance(heads, int) else list(heads)
+    heads_key = "num_attention_heads" if c.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = s.levels(heads_key, field_of(UNetConfig, "num_heads"), (8,) * n, count=n, scalar=True)
     dims = {w // h for w, h, a in zip(widths, heads, attention, strict=True) if a}
     if len(set(heads)) == 1:
         num_heads, head_dim = heads[0], 0
     elif len(dims) == 1:
         num_heads, head_dim = 8, dims.pop()
     else:
-        raise _unsupported(source, f"attention heads {heads}")
-    depth = c.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        if len(set(depth)) != 1:
-            raise _unsupported(source, f"transformer_layers_per_block={depth}")
-        depth = depth[0]
-    cross_only = c.get("only_cross_attention", False)
-    cross_only = tuple([cross_only] * n if isinstance(cross_only, bool) else cross_only)
+        raise _unsupported(source, f"attention heads {list(heads)}")
+    depth = s.levels("transformer_layers_per_block", field_of(UNetConfig, "transformer_depth"), (1,) * n, count=n,
+                     scalar=True, null=True)
+    if len(set(depth)) != 1:
+        raise _unsupported(source, f"transformer_layers_per_block={list(depth)}")
+    cross_only = s.levels("only_cross_attention", FLAG, (False,) * n, count=n, scalar=True, null=True)
     return UNetConfig(
-        in_channels=c["in_channels"],
-        out_channels=c["out_channels"],
+        in_channels=s.get("in_channels", field_of(UNetConfig, "in_channels")),
+        out_channels=s.get("out_channels", field_of(UNetConfig, "out_channels")),
         model_channels=mc,
         channel_mult=tuple(w // mc for w in widths),
-        num_res_blocks=c["layers_per_block"],
+        num_res_blocks=s.get("layers_per_block", field_of(UNetConfig, "num_res_blocks")),
         attention_levels=attention,
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=depth,
-        context_dim=c["cross_attention_dim"],
-        use_linear_projection=bool(c.get("use_linear_projection", False)),
-        cross_attention_only=tuple(bool(x) and a for x, a in zip(cross_only, attention, strict=True)),
-        num_classes=c.get("num_class_embeds") or 0,
+        transformer_depth=depth[0],
+        context_dim=s.get("cross_attention_dim", field_of(UNetConfig, "context_dim")),
+        use_linear_projection=s.get("use_linear_projection", FLAG, False, null=True),
+        cross_attention_only=tuple(x and a for x, a in zip(cross_only, attention, strict=True)),
+        num_classes=s.get("num_class_embeds", field_of(UNetConfig, "num_classes"), 0, null=True),
     )
 
 
 def vae_from_diffusers(c: dict, source: str) -> VAEConfig:
-    widths = list(c["block_out_channels"])
-    if c.get("norm_num_groups", 32) != 32 or any(w % widths[0] for w in widths):
-        raise _unsupported(source, f"VAE widths {widths} / norm groups {c.get('norm_num_groups')}")
-    if not c.get("use_quant_conv", True) or not c.get("use_post_quant_conv", True):
+    """An AutoencoderKL config (read from `source`, named in errors): every value checked first."""
+    s = Settings(c, source)
+    widths = s.levels("block_out_channels", field_of(VAEConfig, "ch"))
+    groups = s.get("norm_num_groups", integer(1, MAX_WIDTH), 32, null=True)
+    if groups != 32 or any(w % widths[0] for w in widths):
+        raise _unsupported(source, f"VAE widths {list(widths)} / norm groups {groups}")
+    if not s.get("use_quant_conv", FLAG, True, null=True) or not s.get("use_post_quant_conv", FLAG, True, null=True):
         raise _unsupported(source, "VAE without quant convs")
+    latents = s.get("latent_channels", field_of(VAEConfig, "embed_dim"), 4)
     return VAEConfig(
-        in_channels=c.get("in_channels", 3),
-        out_channels=c.get("out_channels", 3),
+        in_channels=s.get("in_channels", field_of(VAEConfig, "in_channels"), 3),
+        out_channels=s.get("out_channels", field_of(VAEConfig, "out_channels"), 3),
         ch=widths[0],
         ch_mult=tuple(w // widths[0] for w in widths),
-        num_res_blocks=c.get("layers_per_block", 2),
-        z_channels=c.get("latent_channels", 4),
-        embed_dim=c.get("latent_channels", 4),
+        num_res_blocks=s.get("layers_per_block", field_of(VAEConfig, "num_res_blocks"), 2),
+        z_channels=latents,
+        embed_dim=latents,
     )
 
 
 def text_from_diffusers(c: dict, source: str, pad_token: str) -> TextEncoderConfig:
+    """A CLIPTextModel config (read from `source`, named in errors): every value checked first."""
+    s, default = Settings(c, source), TextEncoderConfig()
+
+    def read(key: str, name: str, fallback=REQUIRED):
+        return s.get(key, field_of(TextEncoderConfig, name), fallback)
+
     return TextEncoderConfig(
-        vocab_size=c.get("vocab_size", 49408),
-        width=c["hidden_size"],
-        layers=c["num_hidden_layers"],
-        heads=c["num_attention_heads"],
-        mlp_width=c["intermediate_size"],
-        max_positions=c.get("max_position_embeddings", 77),
-        activation=c.get("hidden_act", "quick_gelu"),
+        vocab_size=read("vocab_size", "vocab_size", default.vocab_size),
+        width=read("hidden_size", "width"),
+        layers=read("num_hidden_layers", "layers"),
+        heads=read("num_attention_heads", "heads"),
+        mlp_width=read("intermediate_size", "mlp_width"),
+        max_positions=read("max_position_embeddings", "max_positions", default.max_positions),
+        activation=s.get("hidden_act", text(*TextEncoderConfig.ACTIVATIONS), default.activation),
         pad_token=pad_token,
     )
 
 
-def schedule_from_diffusers(c: dict) -> NoiseSchedule:
+# scheduler options that change the training schedule itself, and their value when they do not
+_SCHEDULE_CHANGES = {"trained_betas": None, "rescale_betas_zero_snr": False}
+SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
+
+
+def schedule_from_diffusers(c: dict, source: str) -> NoiseSchedule:
+    """A scheduler config's training schedule (read from `source`, named in errors); what it does not say is
+    NoiseSchedule's default (SD's scaled_linear 0.00085-0.012 over 1000 steps)."""
+    s, default = Settings(c, source), NoiseSchedule()
+    for key, off in _SCHEDULE_CHANGES.items():  # they change the training schedule: ignoring them is wrong
+        if c.get(key, off) not in (off, None):
+            raise s.error(f"{key} is {shown(c[key])}: sdcli cannot use a schedule changed that way (it builds "
+                          "the betas from beta_schedule, beta_start, beta_end and num_train_timesteps only)")
     return NoiseSchedule(
-        beta_schedule=c.get("beta_schedule", "scaled_linear"),
-        beta_start=c.get("beta_start", 0.00085),
-        beta_end=c.get("beta_end", 0.012),
-        num_train_timesteps=c.get("num_train_timesteps", 1000),
+        beta_schedule=s.get("beta_schedule", text(*NoiseSchedule.SCHEDULES), default.beta_schedule),
+        beta_start=s.get("beta_start", number(0, 1), default.beta_start),
+        beta_end=s.get("beta_end", number(0, 1), default.beta_end),
+        num_train_timesteps=s.get("num_train_timesteps", field_of(NoiseSchedule, "num_train_timesteps"),
+                                  default.num_train_timesteps),
     )

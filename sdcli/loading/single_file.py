@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdcli import families
+from sdcli.architecture import ConfigError
 from sdcli.config import ModelConfig
 from sdcli.errors import ModelLoadError
 from sdcli.loading.checkpoint import Checkpoint
@@ -83,6 +84,9 @@ def detect_with(fn, found: dict[str, tuple[int, ...]], source: str, what: str, p
         raise ModelLoadError(f"{source}: {e}") from None
     except KeyError as e:
         raise ModelLoadError(f"{source}: cannot tell the {what} architecture: tensor {prefix}{e.args[0]} is missing") from None
+    except ConfigError as e:  # what the shapes say is out of bounds or does not fit together
+        raise ModelLoadError(f"{source}: the {what} tensor shapes do not fit any supported architecture ({e})") \
+            from None
     except (IndexError, ValueError, ZeroDivisionError):
         raise ModelLoadError(f"{source}: the {what} tensor shapes do not fit any supported architecture") from None
 

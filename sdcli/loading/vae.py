@@ -6,13 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from sdcli.config import VAEConfig
-from sdcli.errors import ModelLoadError
+from sdcli.errors import ModelLoadError, printable
 from sdcli.loading.checkpoint import Checkpoint
 from sdcli.loading.component import Part
 from sdcli.loading.detect import vae_from_diffusers, vae_from_shapes
 from sdcli.loading.files import examples, exists, open_safetensors, read_json, shapes
 from sdcli.loading.folder import component_weights, diffusers_layout, from_config
 from sdcli.loading.keymaps import vae_diffusers_name
+from sdcli.loading.settings import Settings, number
 from sdcli.loading.single_file import IGNORED, VAE, detect_with, prefixed, sub
 
 
@@ -50,11 +51,12 @@ def vae_part(path: Path) -> tuple[VAEConfig, Part, float | None]:
         config_file = folder / "config.json"
         vae_json = read_json(config_file)
         if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ModelLoadError(f"{folder} is not a VAE folder: its config describes a {vae_json['_class_name']}")
+            raise ModelLoadError(f"{folder} is not a VAE folder: its config describes a "
+                                 f"{printable(str(vae_json['_class_name']))[:60]}")
         vae_cfg = from_config(vae_from_diffusers, vae_json, config_file)
         tensors, src, files = component_weights(folder, "diffusion_pytorch_model")
         layout = diffusers_layout(vae_diffusers_name, vae_cfg)
-        scale = vae_json.get("scaling_factor")
+        scale = Settings(vae_json, config_file).get("scaling_factor", number(0), None)
     else:
         tensors = {k: v for k, v in open_safetensors(path).items() if not IGNORED.search(k)}
         files = dict.fromkeys(tensors, path)

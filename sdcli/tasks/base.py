@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from sdcli.batch import NAME, Request, tiling
+from sdcli.batch import MAX_SIZE, NAME, Request, tiling
 from sdcli.errors import SdcliError
 
-MAX_SIZE = 8192  # px a side
 MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler"}
 
 
 def scaled(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
     """width x height times `scale`, rounded to multiples of `multiple`, or an error above MAX_SIZE."""
     w, h = (max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))
-    if max(w, h) > MAX_SIZE:
-        raise SdcliError(f"{width}x{height} scaled by {scale:g} is {w}x{h}, over {MAX_SIZE} px a side: "
-                         "lower the scale")
-    return w, h
+    return within(w, h, f"{width}x{height} scaled by {scale:g}", "lower the scale")
+
+
+def within(width: int, height: int, what: str, fix: str) -> tuple[int, int]:
+    """(width, height), or an error when `what` (where the size comes from) is over MAX_SIZE a side."""
+    if max(width, height) > MAX_SIZE:
+        raise SdcliError(f"{what} is {width}x{height}, over {MAX_SIZE} px a side: {fix}")
+    return width, height
 
 
 def cached(sources: dict, key: tuple, make):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sdcli.batch import Request
-from sdcli.engine import Engine, Sampling
-from sdcli.tasks.base import Task, cached
+from sdcli.tasks.base import Task, cached, within
+
+if TYPE_CHECKING:  # the tasks import no torch: the CLI checks requests before it loads
+    import torch
+
+    from sdcli.engine import Engine, Sampling
 
 
 def img2img(engine: Engine, image: torch.Tensor, prompt: str, s: Sampling, seeds: list[int], *, strength: float = 0.75,
@@ -45,7 +47,8 @@ class Img2Img(Task):
     def size(self, r: Request, sources: dict, native: int) -> tuple[int, int]:
         """The input's size, down to multiples of 8."""
         image = self.source(r, sources)[0]
-        return r.width or max(8, image.size[0] // 8 * 8), r.height or max(8, image.size[1] // 8 * 8)
+        return within(r.width or max(8, image.size[0] // 8 * 8), r.height or max(8, image.size[1] // 8 * 8),
+                      f"the size of {r.image}", "give -W and -H to render it smaller")
 
     def render(self, engine: Engine, r: Request, s: Sampling, seeds: list[int], sources: dict, callback):
         from sdcli.images import fit, to_tensor

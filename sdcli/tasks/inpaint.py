@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sdcli import distributed
 from sdcli.batch import Request
-from sdcli.engine import Engine, Sampling
 from sdcli.errors import SdcliError
-from sdcli.sampling.denoisers import KnownRegion
-from sdcli.tasks.base import cached, scaled
+from sdcli.tasks.base import cached, scaled, within
 from sdcli.tasks.img2img import Img2Img
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdcli.engine import Engine, Sampling
 
 
 def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str, s: Sampling, seeds: list[int], *,
@@ -23,6 +24,10 @@ def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str
     A 9-channel inpainting UNet sees [latents, mask, masked-image latents]; an ordinary one gets the known
     region imposed at every step (KnownRegion). Pixels are not composited here (see images.composite).
     """
+    import torch
+
+    from sdcli.sampling.denoisers import KnownRegion
+
     nine = engine.cfg.unet.in_channels == 9
     # 1. encode the prompt
     cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
@@ -58,10 +63,14 @@ class Inpaint(Img2Img):
             raise SdcliError("inpaint needs a mask: --mask MASK.png (white = repaint), or --extend to outpaint")
 
     def load(self, r: Request, sources: dict) -> None:
-        from sdcli.images import mask_tensor
+        from sdcli.images import mask_tensor, parse_extend
 
         super().load(r, sources)
         image, mask = sources[r.image], sources.get(r.mask)
+        if r.extend:  # before the canvas is made
+            grow = parse_extend(r.extend)
+            within(image.size[0] + grow["left"] + grow["right"], image.size[1] + grow["top"] + grow["bottom"],
+                   f"{r.image} grown by --extend", "extend it less, or extend a smaller image")
         if mask is not None and mask.size != image.size:
             raise SdcliError(f"mask {r.mask} is {mask.size[0]}x{mask.size[1]} but image {r.image} is "
                              f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")

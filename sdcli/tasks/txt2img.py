@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sdcli.batch import HIRES_STRENGTH, Request
-from sdcli.engine import Engine, Sampling, img2img_schedule
 from sdcli.errors import SdcliError
-from sdcli.tasks.base import Task, scaled, with_tiles
+from sdcli.tasks.base import Task, scaled, with_tiles, within
 from sdcli.tasks.img2img import img2img
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdcli.engine import Engine, Sampling
 
 _HIRES_ONLY = ("hires_strength", "hires_steps", "tile", "tile_overlap")  # need --hires-scale
 
@@ -45,7 +47,7 @@ class Txt2Img(Task):
         return with_tiles(dataclasses.replace(r, hires_strength=r.hires_strength or HIRES_STRENGTH))
 
     def size(self, r: Request, sources: dict, native: int) -> tuple[int, int]:
-        w, h = r.width or native, r.height or native
+        w, h = within(r.width or native, r.height or native, "the model's native size", "give -W and -H")
         if r.hires_scale:
             scaled(w, h, r.hires_scale)  # the size limit, checked before the first image
         return w, h
@@ -54,6 +56,7 @@ class Txt2Img(Task):
         return r.steps + ((r.hires_steps or r.steps) if r.hires_scale else 0)
 
     def render(self, engine: Engine, r: Request, s: Sampling, seeds: list[int], sources: dict, callback):
+        from sdcli.engine import img2img_schedule
         from sdcli.images import lanczos, to_tensor
 
         images = txt2img(engine, r.prompt, s, seeds, width=r.width, height=r.height,

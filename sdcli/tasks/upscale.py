@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sdcli.batch import UPSCALE_NAME, Request
-from sdcli.engine import Engine, Sampling
 from sdcli.errors import SdcliError
-from sdcli.sampling.schedules import alphas_cumprod
 from sdcli.tasks.base import Task, cached, scaled, with_tiles
 from sdcli.tasks.img2img import img2img
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdcli.engine import Engine, Sampling
 
 DEFAULT_NOISE_LEVEL = 20  # diffusers' for the x4 upscaler
 X4 = "upscale-x4"  # the model kind (cfg.task) of x4 upscalers
@@ -23,6 +24,10 @@ def upscale_x4(engine: Engine, image: torch.Tensor, prompt: str, s: Sampling, se
                tile: tuple[int, int] | None = None) -> torch.Tensor:
     """x4 upscaler: low-res image [1, 3, h, w] in [-1, 1] -> uint8 [len(seeds), 4h, 4w, 3]. The UNet denoises
     latents of the low-res image's size and sees that image, noised to `noise_level`, beside them."""
+    import torch
+
+    from sdcli.sampling.schedules import alphas_cumprod
+
     # 1. encode the prompt
     cond, uncond = engine.encode(prompt, negative_prompt, s.clip_skip, s.cfg_scale)
     # 2. prepare the timesteps

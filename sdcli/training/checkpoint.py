@@ -1,16 +1,15 @@
 """Training checkpoints: one dict (weights, EMA, optimizer, step, config, RNG state) per file, written
-atomically (a temporary file, then a rename), the last K kept."""
+atomically (sdcli.fileio.atomic_path: a temporary file, then a rename), the last K kept."""
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
 
 from sdcli.errors import SdcliError
+from sdcli.fileio import atomic_path
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -33,14 +32,11 @@ def save(out: Path, step: int, state: dict, keep: int) -> Path:
     """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`."""
     dst = path_for(out, step)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, dst)  # a reader sees the old file or the new one, never half of one
-    except OSError as e:
-        raise SdcliError(f"cannot write checkpoint {dst}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dst, overwrite=True) as tmp:  # a reader sees the old file or the new one, never half of one
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer reports a failed write (a full disk) this way
+            raise OSError(f"the write failed (is the disk full?): {e}"[:200]) from None
     for _, old in existing(out)[:-keep]:
         old.unlink(missing_ok=True)
     return dst

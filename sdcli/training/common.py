@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -83,14 +84,22 @@ def start(kind: str, out: str | Path, resume: bool, device_name: str, given: dic
         raise SdcliError(f"--out {out} is a file: give a folder for the trained model")
     device = distributed.device_for_rank(pick_device(device_name))
     distributed.init(device.type)
+    progress = Progress(quiet or not distributed.is_main())
+    if distributed.is_main():
+        _remove_stale_temps(out, progress)
     state = None
+    found = checkpoint.existing(out)
+    started = any((out / name).exists() for name in _RUN_FILES)
+    if started and not found:  # a model, or a run stopped before its first checkpoint: resumable by neither
+        what = f"nothing to resume in {out}: it" if resume else f"{out} already"
+        raise SdcliError(f"{what} holds a model but no {checkpoint.FOLDER}/step-*.pt (a run stopped before its "
+                         "first checkpoint?): choose another --out")
     if resume:
-        found = checkpoint.existing(out)
         if not found:
             raise SdcliError(f"nothing to resume in {out}: it has no {checkpoint.FOLDER}/step-*.pt; "
                              "drop --resume to start a new run")
         state = checkpoint.load(found[-1][1])
-    elif any((out / name).exists() for name in _RUN_FILES):
+    elif started:
         raise SdcliError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     else:
         probe_folder(out)
@@ -98,7 +107,20 @@ def start(kind: str, out: str | Path, resume: bool, device_name: str, given: dic
         if state["config"].get("kind") != kind:
             raise SdcliError(f"{out} holds a train-{state['config'].get('kind')} run, not a train-{kind} one")
         check_sources(state, given)
-    return Session(out, device, state, Progress(quiet or not distributed.is_main()), given)
+    return Session(out, device, state, progress, given)
+
+
+def _remove_stale_temps(out: Path, progress: Progress) -> None:
+    """Delete what saves killed before their rename left in the run's folder and the folders in it (the
+    trainers write no deeper): at full size, gigabytes."""
+    from sdcli.fileio import clean_stale_temps
+
+    folders = [out]
+    with contextlib.suppress(OSError):  # no folder yet, or one that can't be listed: nothing to clean there
+        folders += [p for p in out.iterdir() if p.is_dir()]
+    note = clean_stale_temps(folders, out)
+    if note:
+        progress.message(note, force=True)
 
 
 def create(out: Path) -> None:

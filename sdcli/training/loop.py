@@ -21,6 +21,7 @@ from torch import nn
 
 from sdcli import distributed
 from sdcli.errors import SdcliError
+from sdcli.fileio import atomic_path
 from sdcli.training import checkpoint
 from sdcli.training.config import TrainConfig
 from sdcli.training.data import positions
@@ -279,7 +280,8 @@ class Metrics:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if line.strip()
                     and json.loads(line).get("step", 0) <= after]
-            path.write_text("".join(line + "\n" for line in kept))
+            with atomic_path(path, overwrite=True) as tmp:  # a kill here keeps the whole log
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
