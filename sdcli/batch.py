@@ -14,14 +14,13 @@ import math
 import os
 import re
 import secrets
-import string
 import typing
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sdcli.errors import SdcliError, shown
+from sdcli.output_names import NAME, check_output_name, check_png, expand, output_template, slug
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's range
 MAX_SIZE = 8192  # px a side of any image rendered, wherever its size comes from
@@ -275,67 +274,6 @@ class Job:
     key: str  # identifies the job for --resume: settings and position, not the random seed
 
 
-def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe, shortened form of a prompt."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return text[:limit].rstrip("-") or "image"
-
-
-TEMPLATE_FIELDS = ("seed", "prompt", "image", "index", "steps", "sampler", "schedule", "cfg", "width", "height",
-                   "model", "date", "time", "batch_index")
-NAME = "{seed}-{prompt}.png"  # the file name in an output folder
-UPSCALE_NAME = "{image}-{width}x{height}-{seed}.png"  # upscales are named after their input
-
-
-# a field's format spec: fill, alignment, sign, zero padding, a width and precision of up to 2 digits, a type
-# ({index:04d}); wider ones would let a template allocate gigabytes
-_SPEC = re.compile(r"(.?[<>=^])?[-+ ]?#?0?\d{0,2}(\.\d{1,2})?[sdxXof%]?")
-
-
-def _expand(template: str, fields: dict) -> str:
-    try:
-        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise SdcliError(f"--output {shown(template)}: {e}") from None
-    for name, spec in parsed:
-        if spec and not _SPEC.fullmatch(spec):
-            raise SdcliError(f"--output {shown(template)}: format {shown(spec)} of {{{name}}} is not one sdcli takes "
-                             "(a width of up to 2 digits, such as {index:04d})")
-    for name in (name for name, _ in parsed):
-        if name not in fields:
-            raise SdcliError(f"--output {shown(template)}: unknown field {{{name}}}; use "
-                             + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
-    try:
-        return template.format_map(fields)
-    except (ValueError, TypeError) as e:
-        raise SdcliError(f"--output {shown(template)}: {e}") from None
-
-
-def check_output_name(output: str) -> None:
-    """Template syntax, fields and the .png suffix, before any value is known."""
-    if "\x00" in output:
-        raise SdcliError("--output holds a NUL character: no file name can")
-    template = output_template(output)
-    if template == "-":
-        return
-    sample = dict(seed=1, prompt="p", image="i", index=1, steps=1, sampler="s", schedule="s", cfg="1", width=8,
-                  height=8, model="m", date="d", time="t", batch_index=0)
-    if not _expand(template, sample).lower().endswith(".png"):
-        raise SdcliError(f"--output {shown(output)}: sdcli writes PNG files (they carry the parameters); "
-                         "end the name with .png, or with / for a folder")
-
-
-def output_template(output: str | None, name: str = NAME) -> str:
-    if output is None:
-        return f"outputs/{name}"
-    if output == "-" or "{" in output:
-        return output
-    if output.endswith(("/", "\\")) or Path(output).is_dir():
-        return str(Path(output) / name)
-    return output
-
-
 def plan(requests: list[Request], model_name: str, size: Callable[[Request], tuple[int, int]],
          now: datetime.datetime | None = None, name: str = NAME,
          draw: Callable[[int], int] | None = None) -> list[Job]:
@@ -364,10 +302,8 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
                           schedule=r.schedule, cfg=f"{r.cfg_scale:g}", width=r.width, height=r.height,
                           model=model_name, date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M%S"),
                           batch_index=i)
-            path = _expand(template, fields)
-            if path != "-" and not path.lower().endswith(".png"):
-                raise SdcliError(f"--output {shown(path)}: sdcli writes PNG files (they carry the parameters); "
-                                 "end the name with .png, or with / for a folder")
+            path = expand(template, fields)
+            check_png(path, path)
             identity = {**settings, "seed": None if random_seed else seed, "batch_index": i}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
             jobs.append(Job(resolved, position, len(jobs) + 1, i, path, key))

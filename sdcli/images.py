@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -93,15 +92,6 @@ def lanczos(images, width: int, height: int):
 
     batch = [images] if isinstance(images, Image.Image) else [Image.fromarray(i) for i in np.asarray(images)]
     return torch.from_numpy(np.stack([np.asarray(i.resize((width, height), Image.LANCZOS)) for i in batch]))
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file, first 10 hex digits (stored with the image it was made from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
 
 
 def mask_tensor(mask: Image.Image, blur: int):

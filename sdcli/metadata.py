@@ -8,19 +8,15 @@ Each image gets two text chunks:
   including what the infotext cannot hold (model path, precision, batch index, ...).
 
 `from_parameters` also reads infotexts written by A1111/Forge, mapping their labels back to our names.
-`model_hash` computes A1111's "AutoV2" model hash, cached because it reads the whole model file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import os
 import re
 import warnings
-from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -61,7 +57,6 @@ _MIN_PAIRS = 3
 # A parameters text of more than this many characters is not one sdcli or A1111 wrote: two prompts at their
 # limit (batch.MAX_PROMPT_CHARS) and a settings line fit in well under it
 MAX_PARAMETERS_CHARS = 65_536
-HASH_BLOCK = 8 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -342,71 +337,3 @@ def _typed(record: dict) -> dict:
     if "extra" in record:
         record["extra"] = {str(k): str(v) for k, v in record["extra"].items()}
     return record
-
-
-def _cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "sdcli" / "model-hashes.json"
-
-
-def _load_cache(cache: Path) -> dict:
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable or damaged: start afresh
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save_cache(cache: Path, data: dict) -> None:
-    """Replace the cache file atomically; a cache that can't be written is simply not kept."""
-    from sdcli.fileio import temp_name
-
-    tmp = temp_name(cache)  # a killed write's leftover is then recognised as one
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, cache)
-    except OSError:
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            tmp.unlink()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_hash(path) -> str | None:
-    """A1111's "AutoV2" hash of a model file (first 10 hex digits of its sha256); None for a folder.
-
-    Results are cached by absolute path, size and modification time, since a model takes seconds to hash.
-    """
-    path = Path(path)
-    try:
-        if path.is_dir():  # a diffusers folder: A1111 has no hash for it
-            return None
-        path = path.resolve()
-        before = path.stat()
-        cache_file = _cache_file()
-        cache = _load_cache(cache_file)
-        entry = cache.get(str(path))
-        stamp = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
-        if (
-            isinstance(entry, dict)
-            and {k: entry.get(k) for k in stamp} == stamp
-            and isinstance(entry.get("sha256"), str)
-            and len(entry["sha256"]) == 64
-        ):
-            return entry["sha256"][:10]
-        sha256 = _sha256_file(path)
-        after = path.stat()
-    except OSError as e:
-        raise SdcliError(f"cannot hash model {path}: {e.strerror or e}") from None
-    # A file rewritten while we read it gets a hash of neither version: don't cache that.
-    if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
-        cache[str(path)] = {**stamp, "sha256": sha256}
-        _save_cache(cache_file, cache)
-    return sha256[:10]

@@ -197,7 +197,7 @@ def _plan_and_render(run: Run) -> None:
     if not jobs:  # fewer batches than processes
         return
 
-    from sdcli.metadata import model_hash
+    from sdcli.hashing import model_hash
 
     if not run.settings.get("model") and rank == 0:  # said once every check has passed: errors stay one line
         console.message("using the built-in demo model (64x64 coloured shapes, e.g. \"a large red circle on a blue "

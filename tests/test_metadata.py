@@ -7,14 +7,14 @@ import os
 import pytest
 from PIL import Image
 
-from sdcli import metadata
+from sdcli import hashing
+from sdcli.hashing import model_hash
 from sdcli.errors import SdcliError
 from sdcli.metadata import (
     SAMPLER_LABELS,
     SCHEDULE_LABELS,
     encode_png,
     from_parameters,
-    model_hash,
     read_parameters_text,
     read_png,
     to_parameters,
@@ -325,14 +325,14 @@ def cache_home(tmp_path, monkeypatch):
 def count_hashing(monkeypatch):
     """Counts how many times a model file is actually read through."""
     calls = []
-    real = metadata._sha256_file
-    monkeypatch.setattr(metadata, "_sha256_file", lambda path: calls.append(path) or real(path))
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: calls.append(path) or real(path))
     return calls
 
 
 def test_model_hash_cached(tmp_path, cache_home, count_hashing, monkeypatch):
     model = tmp_path / "model.safetensors"
-    data = os.urandom(3 * metadata.HASH_BLOCK // 2)  # more than one block
+    data = os.urandom(3 * hashing.HASH_BLOCK // 2)  # more than one block
     model.write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()[:10]
 

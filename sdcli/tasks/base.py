@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from sdcli.batch import MAX_SIZE, NAME, Request, tiling
+from sdcli.batch import MAX_SIZE, Request, tiling
+from sdcli.output_names import NAME
 from sdcli.errors import SdcliError
 
 MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler"}
@@ -99,7 +100,7 @@ class Task:
 
     # shared pieces of the tasks that start from an image
     def input_record(self, r: Request, cfg, sources: dict) -> dict:
-        from sdcli.images import file_hash
+        from sdcli.hashing import file_hash
 
         return {"steps_run": self.steps_run(r, cfg),
                 "image_hash": cached(sources, ("hash", r.image), lambda: file_hash(r.image))}

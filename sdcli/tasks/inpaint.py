@@ -110,7 +110,8 @@ class Inpaint(Img2Img):
         return r.width or w, r.height or h
 
     def render(self, engine: Engine, r: Request, s: Sampling, seeds: list[int], sources: dict, callback):
-        from sdcli.images import composite, file_hash, fit, mask_box, mask_tensor, paste, to_tensor
+        from sdcli.hashing import file_hash
+        from sdcli.images import composite, fit, mask_box, mask_tensor, paste, to_tensor
 
         extra = self.input_record(r, engine.cfg, sources)
         source, source_mask = self.source(r, sources)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Callable
 
-from sdcli.batch import UPSCALE_NAME, Request
+from sdcli.batch import Request
+from sdcli.output_names import UPSCALE_NAME
 from sdcli.errors import SdcliError
 from sdcli.tasks.base import Task, cached, scaled, with_tiles
 from sdcli.tasks.img2img import img2img
