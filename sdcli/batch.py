@@ -213,8 +213,10 @@ def check_text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # lone surrogates: the bytes of argv that were not UTF-8
-        raise SdcliError(f"{name} is not UTF-8 text (a byte 0x{ord(text[e.start]) & 0xFF:02x} at character "
-                         f"{e.start + 1}): fix the terminal's or the file's encoding") from None
+        code = ord(text[e.start])  # U+DC80-U+DCFF: a byte of argv that was not UTF-8; other surrogates, \uD800 in JSON
+        what = f"a byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise SdcliError(f"{name} is not UTF-8 text ({what} at character {e.start + 1}): fix the terminal's or the "
+                         "file's encoding") from None
     if bad := _CONTROL.search(text):
         raise SdcliError(f"{name} holds the control character {repr(bad[0])[1:-1]} at character {bad.start() + 1}: "
                          "remove it")

@@ -168,6 +168,10 @@ def write_stdout(data: bytes | str) -> None:
     pipe); stdout is then pointed at /dev/null so that the interpreter's own flush at exit stays quiet."""
     import sys
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        if data:
+            raise SdcliError("cannot write to stdout: it is closed")
+        return
     try:
         if isinstance(data, str):
             sys.stdout.write(data)

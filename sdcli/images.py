@@ -28,7 +28,7 @@ def load_image(path: str | Path) -> Image.Image:
                     raise SdcliError(f"{path} is {image.width}x{image.height} px, more than sdcli reads "
                                      f"({MAX_INPUT_PIXELS // 10**6} megapixels): resize it first")
                 image.load()
-                return _to_rgb(image, path)
+                return to_rgb(image, path)
     except Image.DecompressionBombError:
         raise SdcliError(f"{path} is an image of over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels (a "
                          "decompression bomb, or a huge image): resize it first") from None
@@ -44,7 +44,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise SdcliError(f"cannot read image {path}: {e}") from None
 
 
-def _to_rgb(image: Image.Image, path) -> Image.Image:
+def to_rgb(image: Image.Image, path) -> Image.Image:
     """Every mode Pillow opens, as 8-bit RGB: 16-bit greyscale scaled to 8 bits (Pillow's own conversion clips
     it, turning nearly all of it white), the rest by Pillow; 32-bit integer and float images refuse by name,
     since nothing says what range their values span."""

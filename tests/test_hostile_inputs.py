@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -289,3 +291,50 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, args):
     result = run_sdcli(*args, cwd=tmp_path, code="import sys; print('torch' in sys.modules)")
     assert result.rc == 2 and result.err.startswith("sdcli: error: ") and result.err.count("\n") == 1, result.err
     assert result.out == b"False\n"
+
+
+# --- what an independent hostile-user pass found after the first fixes -------------------------------------
+
+@pytest.mark.slow
+def test_stdout_closed_is_one_line(tmp_path):
+    result = run_sdcli("generate", "a cat", *SIZE, "-q", "-o", "-", cwd=tmp_path, stdout=subprocess.DEVNULL,
+                       code="")
+    assert result.rc == 0  # /dev/null takes it
+    with open(os.devnull, "wb"):
+        done = subprocess.run(f"{sys.executable} -c 'from sdcli.cli import main; main()' generate 'a cat' "
+                              f"{' '.join(SIZE)} -q -o - >&-", shell=True, cwd=tmp_path, capture_output=False,
+                              stderr=subprocess.PIPE)
+    assert done.returncode == 2 and done.stderr.decode() == "sdcli: error: cannot write to stdout: it is closed\n"
+
+
+def test_running_out_of_memory_is_one_line(here, run_cli, monkeypatch):
+    import sdcli.render
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(sdcli.render, "generate", exhausted)
+    err = refused(run_cli, here, "generate", "a cat", *SIZE, needles=("out of memory", "-W/-H"))
+    assert "Traceback" not in err
+
+
+def test_an_echoed_name_of_megabytes_is_cut(here, run_cli):
+    err = refused(run_cli, here, "generate", "x", *SIZE, "-o", "{" + "w" * 100_000 + "}.png",
+                  needles=("unknown field", " ... "))
+    assert len(err) < 2100
+
+
+def test_a_lone_surrogate_from_json_is_named_as_one(here, run_cli):
+    Path("s.txt").write_text('{"prompt": "a \\ud800 cat"}\n')
+    refused(run_cli, here, "generate", "--from-file", "s.txt", *SIZE, needles=("lone surrogate U+D800",))
+
+
+def test_training_reads_16_bit_images_scaled_and_bounds_resolution(here, run_cli):
+    from sdcli.training.data import load_image
+
+    Image.fromarray(np.full((32, 32), 32896, np.uint16)).save("grey16.png")  # 32896 / 257 = 128
+    pixels, _ = load_image(Path("grey16.png"), 32)
+    assert pixels.shape == (3, 32, 32) and float(pixels.mean()) == pytest.approx(128 / 127.5 - 1, abs=1e-3)
+    os.mkdir("data")
+    refused(run_cli, here, "train-vae", "data", "--out", "run", "--resolution", "100000",
+            needles=("--resolution must be at most 8192",))

@@ -392,3 +392,9 @@ def test_info_to_a_full_disk_is_one_line(tiny):
                               stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["sdcli: error: cannot write to stdout: No space left on device"]
+
+
+def test_a_damaged_tokenizer_config_is_one_line(folder, run_cli):
+    (folder / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": "abc"}')
+    line = refused(run_cli, "info", str(folder))
+    assert "tokenizer" in line and "cannot be read as a CLIP tokenizer" in line

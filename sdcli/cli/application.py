@@ -36,6 +36,11 @@ def _optional_values(args: list[str]) -> list[str]:
 _STREAM_ERRORS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
 
+def _short(message: str, limit: int = 2000) -> str:
+    """A message cut in the middle past `limit` characters: what it echoes (a 10 MB tensor name) is the file's."""
+    return message if len(message) <= limit else f"{message[:limit // 2]} ... {message[-limit // 2:]}"
+
+
 def main() -> None:
     """Console entry point: every mistake of the user's is one line on stderr and exit code 2."""
     from sdcli.fileio import write_stdout
@@ -61,7 +66,13 @@ def main() -> None:
         print(f"sdcli: error: cannot write to stdout: {e.strerror}", file=sys.stderr)  # `sdcli --help > /dev/full`
         sys.exit(2)
     except SdcliError as e:  # one line, even for odd paths; what it echoes from files cannot drive the terminal
-        print(f"sdcli: error: {printable(str(e).replace(chr(10), ' '))}", file=sys.stderr)
+        print(f"sdcli: error: {_short(printable(str(e).replace(chr(10), ' ')))}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (MemoryError, RuntimeError) as e:  # torch's "can't allocate memory" / CUDA's OutOfMemoryError
+        if not isinstance(e, MemoryError) and not any(s in str(e) for s in ("allocate memory", "out of memory")):
+            raise
+        print("sdcli: error: out of memory: lower -W/-H, --batch-size or --resolution, or pass --vae-tiling",
+              file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -106,4 +106,12 @@ def folder_tokenizer(path: Path):
     """A diffusers folder's own `tokenizer/` (vocab.json + merges.txt, or tokenizer.json)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    from sdcli.errors import ModelLoadError, printable
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer("a photo")  # what its config says is used only now: a wrong type fails here, not mid-run
+        return tokenizer
+    except Exception as e:  # transformers raises what its parsing meets: TypeError, ValueError, OSError, ...
+        raise ModelLoadError(f"{path} cannot be read as a CLIP tokenizer ({type(e).__name__}: "
+                             f"{printable(str(e).splitlines()[0] if str(e) else '')[:200]})") from None

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from sdcli.config import SD1_TEXT, TextEncoderConfig, UNetConfig, VAEConfig
-from sdcli.errors import SdcliError
+from sdcli.batch import MAX_SIZE
+from sdcli.errors import SdcliError, shown
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (type(value) is not int or value < _MIN_INT.get(f.name, 1)):
-                raise SdcliError(f"--{_flag(f.name)} must be an integer >= {_MIN_INT.get(f.name, 1)}, not {value!r}")
+                raise SdcliError(f"--{_flag(f.name)} must be an integer >= {_MIN_INT.get(f.name, 1)}, "
+                                 f"not {shown(value)}")
+        if self.resolution > MAX_SIZE:
+            raise SdcliError(f"--resolution must be at most {MAX_SIZE}, not {shown(self.resolution)}")
         for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):

@@ -166,13 +166,14 @@ def load_image(path: Path, resolution: int, g: torch.Generator | None = None, ra
     Draws from g in a fixed order (crop x, crop y, flip) so every sample's stream stays aligned."""
     from PIL import Image
 
-    from sdcli.images import to_tensor
+    from sdcli.images import to_rgb, to_tensor
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im.load()
     except Exception as e:  # it was readable when the data set was scanned
         raise SdcliError(f"cannot read {path} any more: {e}") from None
+    im = to_rgb(im, path)  # 16-bit greyscale scaled, not clipped; what has no known range refused by name
     scale = resolution / min(im.size)
     size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
     im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
