@@ -90,6 +90,16 @@ def option_name(key: str) -> str:
 _PROMPTS = ("prompt", "negative_prompt")
 
 
+def _nameable(text: str) -> bool:
+    """Whether `text` can be a path or name: no NUL (argv cannot hold one; files can) and no lone surrogate but
+    the bytes of argv that were not UTF-8 (which os.fsencode turns back into those bytes)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _coerce(key: str, value, where: str):
     """A setting given as text (a prompts-file line) or typed (YAML, JSON) -> its field's type, or a one-line
     error naming it."""
@@ -107,12 +117,9 @@ def _coerce(key: str, value, where: str):
     if kind is str:
         if not isinstance(value, str):
             raise SdcliError(f"{prefix}{option_name(key)} must be text, not {shown(value)}")
-        try:  # no path or name holds a NUL (argv cannot) or a lone surrogate other than argv's bytes; files can
-            if key not in _PROMPTS and ("\x00" in value or os.fsencode(value) is None):
-                raise ValueError
-        except (ValueError, UnicodeEncodeError):  # prompts: check_text says what is wrong with them
+        if key not in _PROMPTS and not _nameable(value):  # prompts: check_text says what is wrong with them
             raise SdcliError(f"{prefix}{option_name(key)} holds a character no file name can (NUL, or a lone "
-                             "surrogate): remove it") from None
+                             "surrogate): remove it")
         return value
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
@@ -257,7 +264,7 @@ def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
 def check_run(settings: dict, where: str) -> dict:
     """Per-run settings (model, vae, prediction, precision, device) from a preset or an image: text only."""
     for key, value in settings.items():
-        if value is not None and (not isinstance(value, str) or not value or "\x00" in value):
+        if value is not None and (not isinstance(value, str) or not value or not _nameable(value)):
             raise SdcliError(f"{where}: {key} must be text (a path or a name), not {shown(value)}")
     if settings.get("prediction") not in (None, "eps", "v"):
         raise SdcliError(f"{where}: prediction must be 'eps' or 'v', not {shown(settings['prediction'])}")
