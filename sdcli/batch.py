@@ -30,6 +30,7 @@ MAX_PROMPT_CHARS = 16_384  # per prompt or negative prompt: some 4,000 CLIP toke
 TILE = (1024, 128)  # default tile size and overlap, output px: outputs up to 1024 px are not tiled
 HIRES_STRENGTH = 0.5
 MAX_NOISE_LEVEL = 350  # the x4 upscaler's highest trained noise level (diffusers' max_noise_level)
+MAX_LIST = 100  # values of a repeatable option (--lora) in one request
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Request:
     n_images: int = 1  # images for this prompt
     batch_size: int = 1  # images rendered together in one UNet batch
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
+    lora: tuple[str, ...] = ()  # --lora FILE[:WEIGHT], repeatable and adding up (flags, then a line's): each
+    #                             becomes a <lora:...> tag at the end of the prompt (see with_lora_tags)
     # img2img and inpaint
     image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
     strength: float | None = None  # runs the last int(steps * strength) steps; None: 0.75 img2img, 1 inpaint
@@ -72,9 +75,10 @@ class Request:
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
 RUN_KEYS = ("model", "vae", "prediction", "precision", "device")
 REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
-# field -> int, float or str (Optional unwrapped)
-_TYPES = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
+# field -> int, float, str or tuple (of str; Optional unwrapped)
+_TYPES = {k: tuple if typing.get_origin(t) is tuple else next(a for a in (*typing.get_args(t), t) if a is not type(None))
           for k, t in typing.get_type_hints(Request).items()}
+LIST_KEYS = tuple(k for k, t in _TYPES.items() if t is tuple)  # options given once per value
 OPTIONAL_VALUES = {"crop_to_mask": "32"}  # options whose value may be left out: the value they then take
 SHORT_OPTIONS = {"-n": "negative_prompt", "-W": "width", "-H": "height", "-o": "output", "-i": "image"}
 
@@ -105,6 +109,11 @@ def _coerce(key: str, value, where: str):
     error naming it."""
     kind = _TYPES[key]
     prefix = f"{where}: " if where else ""
+    if kind is tuple:  # one value or a list of them (YAML, JSON)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST:
+            raise SdcliError(f"{prefix}{option_name(key)} is given {len(values):,} times: at most {MAX_LIST}")
+        return tuple(_coerce_text(key, v, prefix) for v in values)
     if kind is bool:
         words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
         if isinstance(value, bool):
@@ -115,12 +124,7 @@ def _coerce(key: str, value, where: str):
             return words[word]
         raise SdcliError(f"{prefix}{option_name(key)} must be true or false, not {shown(value)}")
     if kind is str:
-        if not isinstance(value, str):
-            raise SdcliError(f"{prefix}{option_name(key)} must be text, not {shown(value)}")
-        if key not in _PROMPTS and not _nameable(value):  # prompts: check_text says what is wrong with them
-            raise SdcliError(f"{prefix}{option_name(key)} holds a character no file name can (NUL, or a lone "
-                             "surrogate): remove it")
-        return value
+        return _coerce_text(key, value, prefix)
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
@@ -131,6 +135,15 @@ def _coerce(key: str, value, where: str):
     except (TypeError, ValueError, OverflowError):
         word = "a whole number" if kind is int else "a number"
         raise SdcliError(f"{prefix}{option_name(key)} must be {word}, not {shown(value)}") from None
+
+
+def _coerce_text(key: str, value, prefix: str) -> str:
+    if not isinstance(value, str):
+        raise SdcliError(f"{prefix}{option_name(key)} must be text, not {shown(value)}")
+    if key not in _PROMPTS and not _nameable(value):  # prompts: check_text says what is wrong with them
+        raise SdcliError(f"{prefix}{option_name(key)} holds a character no file name can (NUL, or a lone "
+                         "surrogate): remove it")
+    return value
 
 
 def validate(r: Request, where: str = "") -> Request:
@@ -149,6 +162,7 @@ def tiling(r: Request) -> tuple[int, int]:
 
 def _validate(r: Request) -> None:
     from sdcli.images import RESIZE_MODES, parse_extend  # numpy and PIL: not at start-up (cli reads this module)
+    from sdcli.networks.tags import loras_in, parse_lora_option, strip_tags
     from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES
 
@@ -203,9 +217,15 @@ def _validate(r: Request) -> None:
         bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {shown(r.resize)}")
     if r.output is not None:
         check_output_name(r.output)
-    # a malformed (word:weight) must stop the run before any image, not at its line
-    parse_prompt_attention(r.prompt)
-    parse_prompt_attention(r.negative_prompt)
+    if len(r.lora) > MAX_LIST:
+        bad(f"--lora is given {len(r.lora):,} times: at most {MAX_LIST}")
+    for entry in r.lora:
+        parse_lora_option(entry)
+    # a malformed (word:weight) or <lora:...> tag must stop the run before any image, not at its line
+    for name in _PROMPTS:
+        text = getattr(r, name)
+        loras_in(text, f"the {name.replace('_', ' ')}")
+        parse_prompt_attention(strip_tags(text))
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: NUL, ESC, ...
@@ -243,9 +263,22 @@ def merge(base: Request, settings: dict, where: str = "") -> Request:
         if value is None:  # JSON/YAML null: not set
             continue
         changes[key] = _coerce(key, value, where)
+        if key in LIST_KEYS:  # repeatable options add up: a line's --lora joins the command line's
+            changes[key] = getattr(base, key) + changes[key]
     if "sampler" in changes:
         changes.update(_sampler_alias(changes["sampler"], explicit_schedule=changes.get("schedule")))
     return validate(dataclasses.replace(base, **changes), where)
+
+
+def with_lora_tags(r: Request) -> Request:
+    """--lora entries as <lora:NAME:WEIGHT> tags at the end of the prompt, where A1111 keeps them: the stored
+    prompt then reproduces the run, in sdcli (--from-image) and in A1111's PNG Info alike."""
+    from sdcli.networks.tags import parse_lora_option
+
+    if not r.lora:
+        return r
+    tags = " ".join(parse_lora_option(entry).tag() for entry in r.lora)
+    return dataclasses.replace(r, prompt=f"{r.prompt} {tags}" if r.prompt else tags, lora=())
 
 
 def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
@@ -289,6 +322,7 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
     """Resolve seeds, schedules, sizes (`size(request)` for what -W/-H leave open) and output paths for every
     image. `draw(n)`: a random number below n, for the prompts without --seed (processes that plan the same run
     side by side pass the same seeded draw, and the same `now`)."""
+    from sdcli.networks.tags import strip_tags  # {prompt} in file names: the words, not the LoRAs
     from sdcli.sampling import SAMPLERS  # the sampler's own schedule
 
     now = now or datetime.datetime.now()
@@ -306,7 +340,7 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
         for i in range(r.n_images):
             seed = (base_seed + i) % (MAX_SEED + 1)
             resolved = dataclasses.replace(r, seed=seed)
-            fields = dict(seed=seed, prompt=slug(r.prompt), image=slug(Path(r.image).stem) if r.image else "",
+            fields = dict(seed=seed, prompt=slug(strip_tags(r.prompt)), image=slug(Path(r.image).stem) if r.image else "",
                           index=len(jobs) + 1, steps=r.steps, sampler=r.sampler,
                           schedule=r.schedule, cfg=f"{r.cfg_scale:g}", width=r.width, height=r.height,
                           model=model_name, date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M%S"),

@@ -14,6 +14,8 @@ import torch
 from sdcli import tiling
 from sdcli.conditioning import Conditioning
 from sdcli.errors import SdcliError
+from sdcli.networks.loras import Loras, uses_of
+from sdcli.networks.tags import strip_tags
 from sdcli.prompting import encode_prompts
 from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
 from sdcli.sampling.denoisers import TiledDenoiser
@@ -75,9 +77,12 @@ def pick_precision(name: str, device: torch.device) -> str:
 class Engine:
     """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
 
-    def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None):
+    def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None,
+                 loras: Loras | None = None, embeddings=None):
         self.model, self.device, self.precision = model, device, precision
         self.vae_tiling = vae_tiling  # None: tile the VAE only above tiling.AUTO_TILING_AREA
+        self.loras = loras or Loras([])  # the prompts' <lora:...> tags: found there, merged into the weights
+        self.embeddings = embeddings  # networks.embeddings.Embeddings: the prompts' textual inversions, or None
         self.cfg = model.cfg
         self.table = DiscreteSigmas(model.cfg.schedule)
         self.denoiser = CFGDenoiser(Denoiser(model.unet, self.table, model.cfg.prediction))
@@ -94,18 +99,29 @@ class Engine:
     # 1. encode the prompt
     def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1,
                cfg_scale: float = 7.0) -> tuple[Conditioning, Conditioning | None]:
-        """-> (cond, uncond or None when guidance is off), each of context [1, L, D]."""
+        """-> (cond, uncond or None when guidance is off), each of context [1, L, D]. The LoRAs the prompts' tags
+        name are merged into the model first (and the last prompts' taken off): the tags are in the cache's key."""
+        self.use_loras(prompt, negative_prompt)
         key = (prompt, negative_prompt, clip_skip, cfg_scale == 1)
         if self._encoded[0] == key:
             return self._encoded[1]
         with torch.inference_mode(), self.autocast():
             # Encoded apart, so each keeps its own length (in 77-token chunks), as A1111 does by default
-            cond = Conditioning(encode_prompts(self.model, [prompt], clip_skip).float())
-            uncond = None if cfg_scale == 1 else Conditioning(
-                encode_prompts(self.model, [negative_prompt], clip_skip).float())
+            cond = Conditioning(self._encode_text(prompt, clip_skip))
+            uncond = None if cfg_scale == 1 else Conditioning(self._encode_text(negative_prompt, clip_skip))
         result = (cond, uncond)
         self._encoded = (key, result)
         return result
+
+    def _encode_text(self, prompt: str, clip_skip: int) -> torch.Tensor:
+        return encode_prompts(self.model, [strip_tags(prompt)], clip_skip, embeddings=self.embeddings).float()
+
+    def use_loras(self, prompt: str, negative_prompt: str = "") -> None:
+        """Merge the LoRAs of the prompts' tags (exactly those: the last prompts' are taken off bit for bit)."""
+        uses = uses_of(prompt, negative_prompt)
+        if uses != self.loras.active:
+            self.loras.prepare(uses, self.model, self.cfg.variant)  # done before the run for the CLI's
+            self.loras.switch(self.model, uses)
 
     # 2. prepare the timesteps, and a generator per image
     def batch(self, s: Sampling, seeds: list[int], strength: float = 1.0,

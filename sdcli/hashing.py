@@ -1,5 +1,5 @@
-"""File hashes recorded with images: A1111's "AutoV2" model hash (cached, since it reads the whole model file)
-and the input images'."""
+"""File hashes recorded with images: A1111's "AutoV2" model hash and its LoRA hash (cached, since they read whole
+files), and the input images'."""
 
 from __future__ import annotations
 
@@ -46,29 +46,45 @@ def _save_cache(cache: Path, data: dict) -> None:
             tmp.unlink()
 
 
-def sha256_file(path: str | Path) -> str:
-    """The sha256 of a file, in hex, read block by block."""
+def sha256_file(path: str | Path, start: int = 0) -> str:
+    """The sha256 of a file from byte `start` on, in hex, read block by block."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while block := f.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 
 
 def model_hash(path) -> str | None:
-    """A1111's "AutoV2" hash of a model file (first 10 hex digits of its sha256); None for a folder.
+    """A1111's "AutoV2" hash of a model file (first 10 hex digits of its sha256); None for a folder."""
+    if Path(path).is_dir():  # a diffusers folder: A1111 has no hash for it
+        return None
+    return _cached_sha256(Path(path), "model", "model")[:10]
 
-    Results are cached by absolute path, size and modification time, since a model takes seconds to hash.
-    """
-    path = Path(path)
+
+def lora_hash(path) -> str:
+    """A1111's hash of a LoRA in "Lora hashes": kohya's "addnet" hash (the sha256 of a safetensors file's data,
+    after its header), first 12 hex digits; the header's own `sshs_model_hash` when it has one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = (f.metadata() or {}).get("sshs_model_hash")
+    if isinstance(stored, str) and stored.strip():
+        return stored.strip()[:12]
+    return _cached_sha256(Path(path), "addnet", "LoRA")[:12]
+
+
+def _cached_sha256(path: Path, kind: str, what: str) -> str:
+    """The sha256 of a file ("model": all of it; "addnet": a safetensors file's data after the header), cached
+    by absolute path, size and modification time, since a model takes seconds to hash."""
     try:
-        if path.is_dir():  # a diffusers folder: A1111 has no hash for it
-            return None
         path = path.resolve()
         before = path.stat()
         cache_file = _cache_file()
         cache = _load_cache(cache_file)
-        entry = cache.get(str(path))
+        key = str(path) if kind == "model" else f"{kind}:{path}"  # model entries predate the others
+        entry = cache.get(key)
         stamp = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
         if (
             isinstance(entry, dict)
@@ -76,13 +92,17 @@ def model_hash(path) -> str | None:
             and isinstance(entry.get("sha256"), str)
             and len(entry["sha256"]) == 64
         ):
-            return entry["sha256"][:10]
-        sha256 = sha256_file(path)
+            return entry["sha256"]
+        start = 0
+        if kind == "addnet":
+            with open(path, "rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")
+        sha256 = sha256_file(path, start)
         after = path.stat()
     except OSError as e:
-        raise SdcliError(f"cannot hash model {path}: {e.strerror or e}") from None
+        raise SdcliError(f"cannot hash {what} {path}: {e.strerror or e}") from None
     # A file rewritten while we read it gets a hash of neither version: don't cache that.
     if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
-        cache[str(path)] = {**stamp, "sha256": sha256}
+        cache[key] = {**stamp, "sha256": sha256}
         _save_cache(cache_file, cache)
-    return sha256[:10]
+    return sha256

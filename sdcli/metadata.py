@@ -32,6 +32,7 @@ SAMPLER_LABELS: dict[str, str] = {
     "dpm++2m_sde": "DPM++ 2M SDE",
     "ddim": "DDIM",
     "pndm": "PLMS",
+    "lcm": "LCM",
 }
 SCHEDULE_LABELS: dict[str, str] = {
     "normal": "Normal",
@@ -39,6 +40,7 @@ SCHEDULE_LABELS: dict[str, str] = {
     "exponential": "Exponential",
     "sgm_uniform": "SGM Uniform",
     "ddim": "DDIM",
+    "lcm": "LCM",  # A1111 has no such schedule type: its LCM sampler on "Automatic" uses LCM's grid
 }
 # Labels are matched case-insensitively: hand-edited and third-party infotexts vary in case.
 _SAMPLER_NAMES = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
@@ -85,6 +87,16 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def _hashes(hashes: dict | None) -> str | None:
+    """{name: hash} as A1111 writes "Lora hashes" and "TI hashes": "name: hash, name: hash"."""
+    return ", ".join(f"{k}: {v}" for k, v in hashes.items()) if hashes else None
+
+
+def _read_hashes(value: str) -> dict[str, str]:
+    pairs = (item.rpartition(":") for item in value.split(","))
+    return {name.strip(): digest.strip() for name, colon, digest in pairs if colon and name.strip()}
+
+
 def to_parameters(record: dict) -> str:
     """The A1111 infotext for an image record (the "parameters" PNG chunk); what a record read from a file
     leaves out is left out (see read_parameters_text)."""
@@ -116,6 +128,8 @@ def to_parameters(record: dict) -> str:
         "Tile size": record.get("tile") if tiled else None,
         "Tile overlap": record.get("tile_overlap") if tiled else None,
         "Prediction": "v" if record.get("prediction") == "v" else None,
+        "Lora hashes": _hashes(record.get("lora_hashes")),
+        "TI hashes": _hashes(record.get("ti_hashes")),
         "Version": record.get("version"),
     }
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items() if value is not None)
@@ -171,6 +185,8 @@ def _parse_setting(key: str, value: str) -> dict | None:
                                                                                    "whole picture") else None
     if key == "Prediction":
         return {"prediction": value} if value in ("eps", "v") else None
+    if key in ("Lora hashes", "TI hashes"):  # what the prompt's tags and words used: compared, not reproduced
+        return {key.split()[0].lower() + "_hashes": _read_hashes(value)}
     text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "Version": "version"}
     if key in text_fields:
         return {text_fields[key]: value}
@@ -332,8 +348,9 @@ def read_png(path) -> dict:
 def _typed(record: dict) -> dict:
     """An sdcli record with the fields that are not options (so not checked by batch.merge) of the right type, or
     dropped: the job key for --resume, A1111's extra settings, the model's hash and name."""
-    kinds = {"job": str, "extra": dict, "model_hash": str, "model": str}
+    kinds = {"job": str, "extra": dict, "model_hash": str, "model": str, "lora_hashes": dict, "ti_hashes": dict}
     record = {k: v for k, v in record.items() if k not in kinds or isinstance(v, kinds[k])}
-    if "extra" in record:
-        record["extra"] = {str(k): str(v) for k, v in record["extra"].items()}
+    for key in ("extra", "lora_hashes", "ti_hashes"):
+        if key in record:
+            record[key] = {str(k): str(v) for k, v in record[key].items()}
     return record

@@ -104,17 +104,28 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class PromptChunks:
-    """A tokenized prompt: k chunks of BOS + 75 tokens + EOS/padding, with one emphasis weight per token."""
+    """A tokenized prompt: k chunks of BOS + 75 tokens + EOS/padding, with one emphasis weight per token.
+
+    An embedding's vectors stand at placeholder ids (0, as in A1111) and are listed in `fixes` as (chunk row,
+    position in the row, vectors [n, width]): the text encoder puts them in place of those tokens' embeddings.
+    """
 
     ids: torch.Tensor  # [k, 77] long
     weights: torch.Tensor  # [k, 77] float32
+    fixes: tuple[tuple[int, int, torch.Tensor], ...] = ()
 
 
-def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtrack: int = 20) -> PromptChunks:
+PLACEHOLDER = 0  # the id A1111 gives an embedding's positions (its token embedding is replaced)
+
+
+def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtrack: int = 20,
+                    embeddings=None, width: int | None = None) -> PromptChunks:
     """Split a prompt into chunks of `chunk_length` tokens as A1111 does.
 
     BREAK closes the current chunk. When a chunk is full and its last comma is at most `comma_backtrack`
     tokens from its end, the tokens after that comma start the next chunk instead (0 turns this off).
+    With `embeddings` (a networks.embeddings.Embeddings) the names of embeddings in the prompt stand for their
+    vectors (`width` wide): n positions of the chunk, all in one chunk (one that does not fit starts the next).
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
@@ -122,56 +133,106 @@ def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtr
     if comma == tokenizer.unk_token_id:  # a vocabulary without it: no comma backtracking
         comma = None
     parsed = parse_prompt_attention(prompt)
-    # verbose=False: prompts longer than model_max_length are the point here, not a mistake to warn about
-    tokenized = tokenizer([t for t, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)
+    units = _units(tokenizer, parsed, embeddings, width, chunk_length)
 
     chunks: list[tuple[list[int], list[float]]] = []
+    fixes: list[tuple[int, int, torch.Tensor]] = []
     tokens: list[int] = []
     weights: list[float] = []
+    pending: list[tuple[int, torch.Tensor]] = []  # the current chunk's embeddings: (index in `tokens`, vectors)
     last_comma = -1  # index in `tokens` of the current chunk's last comma
 
     def close_chunk() -> None:
-        nonlocal tokens, weights, last_comma
+        nonlocal tokens, weights, pending, last_comma
         fill = chunk_length - len(tokens)
+        fixes.extend((len(chunks), 1 + at, vec) for at, vec in pending)  # + 1: the BOS
         chunks.append(([bos, *tokens, eos] + [pad] * fill, [1.0, *weights, 1.0] + [1.0] * fill))
-        tokens, weights, last_comma = [], [], -1
+        tokens, weights, pending, last_comma = [], [], [], -1
 
-    for ids, (text, weight) in zip(tokenized["input_ids"], parsed, strict=True):
+    def backtrack() -> None:
+        """Move what follows the last comma to the next chunk (embeddings with it: A1111 leaves their vectors
+        behind, in the padding of the chunk they left)."""
+        nonlocal tokens, weights, pending
+        cut = last_comma + 1
+        moved = tokens[cut:], weights[cut:], [(at - cut, vec) for at, vec in pending if at >= cut]
+        tokens, weights, pending = tokens[:cut], weights[:cut], [(at, vec) for at, vec in pending if at < cut]
+        close_chunk()
+        tokens, weights, pending = moved
+
+    for fragment_units, (text, weight) in zip(units, parsed, strict=True):
         if text == "BREAK" and weight == BREAK_WEIGHT:
             close_chunk()
             continue
-        for token in ids:
-            if token == comma:
+        for unit in fragment_units:
+            if isinstance(unit, int) and unit == comma:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == chunk_length and last_comma != -1
                   and len(tokens) - last_comma <= comma_backtrack):
-                moved, moved_weights = tokens[last_comma + 1:], weights[last_comma + 1:]
-                tokens, weights = tokens[:last_comma + 1], weights[:last_comma + 1]
-                close_chunk()
-                tokens, weights = moved, moved_weights
+                backtrack()
             # A comma arriving at a full chunk opens the next one and is not remembered there (as in A1111).
             if len(tokens) == chunk_length:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            if isinstance(unit, int):
+                tokens.append(unit)
+                weights.append(weight)
+                continue
+            n = unit.shape[0]  # an embedding: all its vectors in one chunk
+            if len(tokens) + n > chunk_length:
+                close_chunk()
+            pending.append((len(tokens), unit))
+            tokens += [PLACEHOLDER] * n
+            weights += [weight] * n
     if tokens or not chunks:
         close_chunk()
     import torch
 
     ids_list, weights_list = zip(*chunks, strict=True)
-    return PromptChunks(torch.tensor(ids_list, dtype=torch.long), torch.tensor(weights_list, dtype=torch.float32))
+    return PromptChunks(torch.tensor(ids_list, dtype=torch.long), torch.tensor(weights_list, dtype=torch.float32),
+                        tuple(fixes))
 
 
-def encode_prompts(model, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, width: int | None,
+           chunk_length: int) -> list[list]:
+    """Each fragment's token ids, with an embedding's vectors [n, width] in place of its name."""
+    # verbose=False: prompts longer than model_max_length are the point here, not a mistake to warn about
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    if embeddings is None:
+        return tokenize([t for t, _ in parsed])
+    if width is None:
+        raise ValueError("tokenize_prompt needs the text encoder's width to use embeddings")
+    pieces = [[] if (t, w) == ("BREAK", BREAK_WEIGHT) else embeddings.split(t) for t, w in parsed]
+    texts = [p.text for fragment in pieces for p in fragment if p.embedding is None]
+    ids = iter(tokenize(texts) if texts else [])
+    out = []
+    for fragment in pieces:
+        units: list = []
+        for p in fragment:
+            if p.embedding is None:
+                units += next(ids)
+                continue
+            vec = embeddings.vectors(p.embedding, width)
+            if vec.shape[0] > chunk_length:
+                raise SdcliError(f"the embedding {shown(p.embedding)} holds {vec.shape[0]} vectors: at most "
+                                 f"{chunk_length} fit in one prompt chunk")
+            units.append(vec)
+        out.append(units)
+    return out
+
+
+def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=None) -> torch.Tensor:
     """-> [len(prompts), 77 * k, width]: every prompt padded to the same number k of chunks.
 
     Shorter prompts are padded with chunks of the encoded empty prompt, as A1111 pads cond and uncond.
-    All chunks go through the text encoder in one batch.
+    All chunks go through the text encoder in one batch. `embeddings` (networks.embeddings.Embeddings): the
+    textual-inversion embeddings that the prompts may name.
     """
     import torch
 
     chunk_length = model.cfg.text.max_positions - 2
-    per_prompt = [tokenize_prompt(model.tokenizer, p, chunk_length) for p in prompts]
+    per_prompt = [tokenize_prompt(model.tokenizer, p, chunk_length, embeddings=embeddings,
+                                  width=model.cfg.text.width) for p in prompts]
     counts = [c.ids.shape[0] for c in per_prompt]
     k = max(counts)
     parts = list(per_prompt)
@@ -180,9 +241,16 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1) -> torch.Tenso
     device = next(model.text_encoder.parameters()).device
     ids = torch.cat([c.ids for c in parts]).to(device)  # [n, 77]
     weights = torch.cat([c.weights for c in parts]).to(device)  # [n, 77]
+    fixes, row = [], 0
+    for c in parts:  # rows of the batch, not of each prompt
+        fixes += [(row + r, at, vec) for r, at, vec in c.fixes]
+        row += c.ids.shape[0]
 
     with torch.no_grad():
-        hidden = model.text_encoder(ids, clip_skip=clip_skip)  # [n, 77, width]
+        if fixes:
+            hidden = model.text_encoder(ids, clip_skip=clip_skip, fixes=fixes)  # [n, 77, width]
+        else:
+            hidden = model.text_encoder(ids, clip_skip=clip_skip)
         weighted = (weights != 1).any(dim=1)  # [n]
         if weighted.any():
             # A1111's "Original" emphasis: scale by the weights, then restore the mean. A1111 takes the mean over

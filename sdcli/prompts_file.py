@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sdcli.batch import (
-    MAX_RUN_IMAGES, OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge, option_name,
+    LIST_KEYS, MAX_RUN_IMAGES, OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge, option_name,
     request_key,
 )
 from sdcli.errors import SdcliError, shown
@@ -112,7 +112,10 @@ def parse_prompt_line(line: str, where: str) -> dict:
             else:
                 i += 1
                 value = words[i]
-        settings[key] = value
+        if key in LIST_KEYS:  # repeatable: --lora a --lora b
+            settings.setdefault(key, []).append(value)
+        else:
+            settings[key] = value
         i += 1
     return settings
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
+from sdcli.batch import (MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate,
+                         with_lora_tags)
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
+from sdcli.networks.run import ignored_tags, network_record, prepare_networks
 from sdcli.progress import Progress
 from sdcli.prompts_file import load_preset, read_prompts_file, read_stdin
 
@@ -44,6 +46,8 @@ class Run:
     record: dict | None  # --from-image's
     from_image: str | None
     opts: RunFlags
+    loras: object  # networks.loras.Loras: every LoRA the prompts name, found and checked against the model
+    embeddings: object  # networks.embeddings.Embeddings, or None without --embeddings-dir
 
     @property
     def model_name(self) -> str:
@@ -82,10 +86,10 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
     if from_file and (prompt is not None or images):
         raise SdcliError(f"give either {'IMAGE arguments' if images else 'a PROMPT'} or --from-file, not both")
     if from_file:
-        return read_prompts_file(from_file, base, task.needs_prompt), run_settings, record
-    if prompt == "-":
-        return read_stdin(base, task.needs_prompt), run_settings, record
-    if images:
+        requests = read_prompts_file(from_file, base, task.needs_prompt)
+    elif prompt == "-":
+        requests = read_stdin(base, task.needs_prompt)
+    elif images:
         requests = [dataclasses.replace(base, image=i, prompt=prompt or base.prompt) for i in images]
     elif prompt is not None:
         requests = [dataclasses.replace(base, prompt=prompt)]
@@ -94,7 +98,8 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
     else:
         raise SdcliError("no prompt: give a PROMPT, '-' to read prompts from stdin, --from-file FILE or --from-image "
                          "PNG")
-    return [validate(r) for r in requests], run_settings, record  # the prompt from argv, not yet checked
+    # validated again: the prompt from argv is not yet checked, and --lora's tags join the prompt
+    return [validate(with_lora_tags(r)) for r in requests], run_settings, record
 
 
 def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
@@ -134,12 +139,13 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     if record:
         requests = task.adopt_record(requests, record, flags, cfg)
     requests = [task.resolve(r, cfg) for r in requests]
+    loras, embeddings = prepare_networks(requests, settings, checkpoint)
 
     owned = not distributed.initialized()  # leave a process group made by someone else (a training run) alone
     distributed.init(device.type)
     try:
         _plan_and_render(Run(task, requests, sources, model_path, checkpoint, device, precision, settings, record,
-                             from_image, opts))
+                             from_image, opts, loras, embeddings))
     finally:
         if owned:
             distributed.cleanup()
@@ -205,12 +211,15 @@ def _plan_and_render(run: Run) -> None:
                         "set SDCLI_MODEL")
     for note in run.checkpoint.notes if rank == 0 else ():  # what the model's files left unsaid, sdcli assumed
         console.message(f"note: {run.model_path}: {note}")
+    if (ignored := ignored_tags(run.requests)) and rank == 0:
+        console.message(f"note: sdcli does not load {', '.join(ignored)} (only <lora:...> extra networks): "
+                        "left out of the prompt")
     engine = Engine(run.checkpoint.load(run.device), run.device, run.precision,
-                    vae_tiling=run.settings.get("vae_tiling"))
+                    vae_tiling=run.settings.get("vae_tiling"), loras=run.loras, embeddings=run.embeddings)
     vae = run.settings.get("vae")
     digest = model_hash(run.model_path)
     if run.record and rank == 0:
-        _explain_differences(run.record, run.from_image, digest, console)
+        _explain_differences(run.record, run.from_image, digest, engine, console)
     common = dict(model=run.model_name, model_path=str(Path(run.model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=run.precision, version=f"sdcli {__version__}")
@@ -252,6 +261,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                 with bar.image(label, task.steps_run(r, engine.cfg)) as step:
                     images, extra = task.render(engine, r, s, [j.request.seed for j in group], run.sources, step)
                 seconds = (time.perf_counter() - start) / len(group)
+                extra = {**network_record(engine, r), **extra}
                 for job, pixels in zip(group, images, strict=True):
                     record = {**{k: getattr(job.request, k) for k in keys}, **common, **extra,
                               "batch_index": job.batch_index, "job": job.key}
@@ -271,13 +281,20 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
             raise
 
 
-def _explain_differences(record: dict, source: str, digest: str | None, console: Progress) -> None:
+def _explain_differences(record: dict, source: str, digest: str | None, engine, console: Progress) -> None:
     """--from-image: say what will not be the same as in the source image."""
+    from sdcli.networks.tags import LoraUse
+
     if record.get("extra"):  # A1111 settings we have no counterpart for (hires fix, variation seeds, ...)
         console.message(f"note: {source}: not reproduced: {', '.join(record['extra'])}", force=True)
     if record.get("model_hash") and digest and record["model_hash"] != digest:
         console.message(f"note: {source} was made with model {record.get('model', '?')} (hash "
                         f"{record['model_hash']}); this model's hash is {digest}", force=True)
+    for name, stored in (record.get("lora_hashes") or {}).items():
+        lora = engine.loras.files.get(name)
+        if lora is not None and (now := engine.loras.hashes([LoraUse(name)])[name]) != stored:
+            console.message(f"note: {source} was made with a LoRA {name} of hash {stored}; this one's is {now}",
+                            force=True)
 
 
 def _batches(jobs: list[Job]) -> list[list[Job]]:

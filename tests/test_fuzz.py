@@ -102,7 +102,7 @@ OPTION_WORDS = sorted({option_name(k) for k in (*REQUEST_KEYS, *RUN_KEYS)} | set
                       | {f"--{k}" for k in REQUEST_KEYS} | {"--json", "--overwrite", "--preset", "--", "-", "--="})
 HUGE = ("9" * 400, long_digits, "-" + "9" * 310, "1e400", "-1e400", "nan", "inf", "-inf", "0x10", "1_000", "1.5",
         "0", "-1", "1e-400", "²", "١٢٨", "Ⅷ", "１２", "true", "no", "512", "4294967296")
-PROMPT_WORDS = ("BREAK", " BREAK ", "(", ")", "[", "]", ":", "\\", "(a:1.2)", ":1.", "1.2.3", ".", "+-", "((", "))",
+PROMPT_WORDS = ("BREAK", "<lora:x:1>", "<lora:x:y>", "<lora:x:1:2:3>", "<hypernet:h>", "<", ">", "<lora:", " BREAK ", "(", ")", "[", "]", ":", "\\", "(a:1.2)", ":1.", "1.2.3", ".", "+-", "((", "))",
                 "(a:" + "9" * 320 + ")", ":1e5", ":-0")
 
 prompts = texts(words=PROMPT_WORDS, max_size=120)
@@ -180,8 +180,8 @@ lines = st.one_of(
 )
 
 
-# field -> the type merge must give it (Optional unwrapped)
-KINDS = {k: next(a for a in (*typing.get_args(t), t) if a is not type(None))
+# field -> the type merge must give it (Optional unwrapped; a tuple of str for repeatable options)
+KINDS = {k: tuple if typing.get_origin(t) is tuple else next(a for a in (*typing.get_args(t), t) if a is not type(None))
          for k, t in typing.get_type_hints(Request).items()}
 
 
@@ -191,6 +191,8 @@ def check_request(r) -> None:
     for key, kind in KINDS.items():
         value = getattr(r, key)
         assert value is None or type(value) is kind, (key, value)
+        if kind is tuple:
+            assert all(type(v) is str for v in value), (key, value)
 
 
 @fuzz(600)

@@ -32,10 +32,44 @@ def info(
         text = json.dumps(read_png(model)) if as_json else printable(read_parameters_text(model), keep="\n\t")
         write_stdout(text + "\n")
         return
+    if lora := _lora_file(model):
+        if vae or prediction:
+            raise SdcliError("--vae and --prediction apply to models, not to LoRAs")
+        summary = lora.summary()
+        write_stdout((json.dumps(summary) if as_json else _describe_lora(summary)) + "\n")
+        return
     from sdcli.loading import inspect_model
 
     summary = inspect_model(model, vae=vae, prediction=prediction.value if prediction else None).summary()
     write_stdout((json.dumps(summary) if as_json else _describe(summary)) + "\n")
+
+
+def _lora_file(path: str):
+    """The LoRA a .safetensors file holds, or None when it is not one (a model: inspect_model says what it is)."""
+    from sdcli.loading.files import open_safetensors
+    from sdcli.networks.lora import UNET, read_lora
+
+    file = Path(path)
+    try:
+        if file.suffix.lower() != ".safetensors" or not file.is_file():
+            return None
+    except OSError:  # a name too long, ...: inspect_model says so
+        return None
+    keys = open_safetensors(file)
+    if any(k.startswith((UNET, "first_stage_model.", "cond_stage_model.")) for k in keys) or not any(
+            k.startswith(("lora_", "unet.", "text_encoder.")) for k in keys):
+        return None
+    return read_lora(file)
+
+
+def _describe_lora(summary: dict) -> str:
+    rows = [("kind", "LoRA"), ("format", summary["format"]),
+            ("targets", f"{' and '.join(summary['targets'])}, {summary['modules']} modules"),
+            ("rank", ", ".join(map(str, summary["ranks"])) or "-"),
+            ("alpha", ", ".join(f"{a:g}" for a in summary["alphas"]) or "the rank (scale 1)"),
+            ("made for", summary["family"] or "unknown")]
+    rows += [(k, v if len(v) <= 200 else v[:200] + "...") for k, v in summary["training"].items()]
+    return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
 
 
 def _describe(summary: dict) -> str:

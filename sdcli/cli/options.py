@@ -37,19 +37,20 @@ PredictionOpt = Annotated[
 # Options of the commands that render images (generate, img2img, inpaint, upscale); --device and --quiet are
 # the training commands' too.
 PromptArg = Annotated[Optional[str], typer.Argument(
-    help="The prompt, with A1111 emphasis: (word:1.3), (word), [word], BREAK. '-' reads prompts from stdin, "
-         "one per line.", show_default=False)]
+    help="The prompt, with A1111 emphasis: (word:1.3), (word), [word], BREAK, and <lora:NAME:WEIGHT>. '-' reads "
+         "prompts from stdin, one per line.", show_default=False)]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="What to steer away from.",
                                                     show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. [default: 20]", show_default=False)]
 CfgOpt = Annotated[Optional[float], typer.Option(
     "--cfg-scale", help="Classifier-free guidance scale; 1 turns guidance off. [default: 7.0]", show_default=False)]
 SamplerOpt = Annotated[Optional[str], typer.Option(
-    "--sampler", help="euler, euler_a, heun, lms, dpm++2m, dpm++2m_sde, ddim or pndm. [default: dpm++2m]",
+    "--sampler", help="euler, euler_a, heun, lms, dpm++2m, dpm++2m_sde, ddim, pndm or lcm (for LCM models and "
+                      "LCM-LoRAs: 4-8 steps, --cfg-scale 1-2). [default: dpm++2m]",
     show_default=False)]
 ScheduleOpt = Annotated[Optional[str], typer.Option(
-    "--schedule", help="normal, karras, exponential, sgm_uniform or ddim. [default: the sampler's own: karras for "
-                       "dpm++, ddim for ddim/pndm, else normal]", show_default=False)]
+    "--schedule", help="normal, karras, exponential, sgm_uniform, ddim or lcm. [default: the sampler's own: karras "
+                       "for dpm++, ddim for ddim/pndm, lcm for lcm, else normal]", show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed of the first image; image i gets seed+i. [default: random, printed and stored]",
     show_default=False)]
@@ -87,6 +88,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image o
 VaeTilingOpt = Annotated[bool, typer.Option(
     "--vae-tiling", help="Encode and decode with the VAE in overlapping tiles (bounded memory for large images); "
                          "automatic above 768x768 px on SD models.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", metavar="FILE[:WEIGHT]", show_default=False,
+    help="Apply a LoRA (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr): a .safetensors file or a name in --lora-dir, with "
+         "an optional weight (default 1) or TE_WEIGHT:UNET_WEIGHT. Repeatable. The same as <lora:NAME:WEIGHT> in "
+         "the prompt, where it is recorded.")]
+LoraDirOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora-dir", metavar="DIR", show_default=False,
+    help="Where <lora:NAME> finds NAME.safetensors (subfolders too). Repeatable; also $SDCLI_LORA_DIR.")]
+EmbeddingsDirOpt = Annotated[Optional[list[str]], typer.Option(
+    "--embeddings-dir", metavar="DIR", show_default=False,
+    help="Textual-inversion embeddings: a prompt word equal to a file's name (or embedding:NAME) becomes its "
+         "vectors. Repeatable; also $SDCLI_EMBEDDINGS_DIR.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress bars or notes; each image's path and seed are still printed on stderr.")]
 

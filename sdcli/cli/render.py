@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sdcli.cli.options import (BatchSizeOpt, CfgOpt, ClipSkipOpt, DeviceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt,
-                               NegativeOpt, NImagesOpt, OutputOpt, OverwriteOpt, PrecisionOpt, PredictionOpt,
+from sdcli.cli.options import (BatchSizeOpt, CfgOpt, ClipSkipOpt, DeviceOpt, EmbeddingsDirOpt, HeightOpt, ImageOpt,
+                               JsonOpt, LoraDirOpt, LoraOpt, ModelOpt, NegativeOpt, NImagesOpt, OutputOpt, OverwriteOpt, PrecisionOpt, PredictionOpt,
                                PresetOpt, PromptArg, QuietOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt,
                                StepsOpt, StrengthOpt, TileOpt, TileOverlapOpt, VaeOpt, VaeTilingOpt, WidthOpt,
                                shared_options)
@@ -26,6 +26,9 @@ def _render_options(
     n_images: NImagesOpt = None,
     batch_size: BatchSizeOpt = None,
     clip_skip: ClipSkipOpt = None,
+    lora: LoraOpt = None,
+    lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
     prediction: PredictionOpt = None,
@@ -53,7 +56,7 @@ def _render_options(
 
 render_command = shared_options(_render_options, leading=("prompt",))
 _FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height",
-              "n_images", "batch_size", "clip_skip", "output")
+              "n_images", "batch_size", "clip_skip", "output", "lora")
 
 
 def _render(task: str, o: dict, images: list[str] | None = None, **task_flags) -> None:
@@ -61,7 +64,8 @@ def _render(task: str, o: dict, images: list[str] | None = None, **task_flags) -
 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
     settings = dict(model=o["model"], vae=o["vae"], prediction=o["prediction"].value if o["prediction"] else None,
-                    device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None)
+                    device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None,
+                    lora_dir=o["lora_dir"], embeddings_dir=o["embeddings_dir"])
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
         RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]), images)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 
 from sdcli.errors import SdcliError, printable
 from sdcli.fileio import atomic_path, check_output
-from sdcli.loading.files import converted_name, open_safetensors
+from sdcli.loading.files import converted_name, open_safetensors, pickle_refusal
 
 
 def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
@@ -33,18 +32,8 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
             warnings.simplefilter("ignore")
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types: disallowed objects, truncated archives, not a pickle
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise SdcliError(
-                f"{src} holds more than tensors (it would call {found.group(1)}) and was not loaded; "
-                "get a .safetensors release of this model"
-            ) from None
-        refused = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
-        if refused:
-            raise SdcliError(
-                f"{src} was not loaded: reading tensors only refused it ({printable(refused.group(1).strip())}); "
-                "it holds more than tensors or is not a PyTorch checkpoint"
-            ) from None
+        if refused := pickle_refusal(e):
+            raise SdcliError(f"{src} was not loaded: {refused}; get a .safetensors release of this model") from None
         if src.suffix == ".safetensors" and _is_safetensors(src):
             raise SdcliError(f"{src} is a safetensors file already: sdcli loads it as it is") from None
         raise SdcliError(printable(f"{src} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")[:300]) \

@@ -45,6 +45,18 @@ def pickle_error(path: Path) -> ModelLoadError:
     )
 
 
+def pickle_refusal(e: Exception) -> str | None:
+    """Why torch.load(weights_only=True) refused a pickle, in a few words, or None when it was not refused (a
+    damaged or non-PyTorch file)."""
+    import re
+
+    if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):
+        return f"it holds more than tensors (it would call {found.group(1)})"
+    if found := re.search(r"WeightsUnpickler error: \s*(.+)", str(e)):
+        return f"reading tensors only refused it ({printable(found.group(1).strip())[:150]})"
+    return None
+
+
 def open_safetensors(path: Path) -> State:
     """The file's tensors as meta tensors (names, shapes, dtypes): only the header is read, and only once its
     size and tensor count are known to be bounded."""

@@ -46,12 +46,31 @@ class TextEncoder(nn.Module):
         emb = self.transformer.text_model.embeddings
         emb.position_ids = torch.arange(self.cfg.max_positions, device=emb.token_embedding.weight.device)[None]
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1,
+                fixes: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, width].
 
         clip_skip=1 is the model's own conditioning layer; 2 takes the layer before it (A1111's
-        "Clip skip"), always followed by the final layer norm.
+        "Clip skip"), always followed by the final layer norm. `fixes`: (row, position, vectors [n, width])
+        that replace the token embeddings of positions position..position+n-1 of that row (textual-inversion
+        embeddings, as A1111's EmbeddingsWithFixes), for this call only.
         """
+        if not fixes:
+            return self._encode(ids, clip_skip)
+
+        def put(module, args, out):  # out: [B, T, width], the token embeddings
+            out = out.clone()
+            for row, at, vec in fixes:
+                out[row, at:at + vec.shape[0]] = vec.to(out.device, out.dtype)
+            return out
+
+        hook = self.transformer.text_model.embeddings.token_embedding.register_forward_hook(put)
+        try:
+            return self._encode(ids, clip_skip)
+        finally:
+            hook.remove()
+
+    def _encode(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
         model = self.transformer.text_model
         skip = self.cfg.skip_last_layers + clip_skip - 1
         if skip == 0:

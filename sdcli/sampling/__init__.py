@@ -34,8 +34,10 @@ SAMPLERS = {
     # Deterministic DDIM is exactly Euler on DDIM's own discretization.
     "ddim": Sampler("sample_euler", "ddim", vp_start=True),
     "pndm": Sampler("sample_plms", "ddim", vp_start=True),
+    # Latent Consistency Models (and LCM-LoRAs): a consistency jump to x0, then fresh noise, on LCM's own grid
+    "lcm": Sampler("sample_lcm", "lcm", vp_start=True, stochastic=True),
 }
-SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "ddim")  # the keys of schedules.SCHEDULES
+SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "ddim", "lcm")  # the keys of schedules.SCHEDULES
 
 # name -> the module that defines it, imported on first use (PEP 562)
 _LAZY = {"SCHEDULES": "schedules", "DiscreteSigmas": "schedules", "CFGDenoiser": "denoisers", "Denoiser": "denoisers"}

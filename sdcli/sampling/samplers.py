@@ -15,6 +15,9 @@ from typing import Callable
 
 import torch
 
+from sdcli.config import NoiseSchedule
+from sdcli.sampling.schedules import DiscreteSigmas
+
 Model = Callable[..., torch.Tensor]
 Callback = Callable[[dict], None] | None
 NoiseSampler = Callable[[float, float], torch.Tensor]
@@ -194,4 +197,42 @@ def sample_plms(model: Model, x, sigmas, extra_args=None, callback: Callback = N
             else:
                 d = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
             x = x + d * dt
+    return x
+
+
+def _table_of(model: Model) -> DiscreteSigmas:
+    """The noise levels of the sdcli Denoiser inside `model` (guidance, tiling and inpainting wrap it as
+    `.denoiser`); Stable Diffusion's training schedule for any other denoiser."""
+    inner = model
+    while inner is not None:
+        if isinstance(getattr(inner, "table", None), DiscreteSigmas):
+            return inner.table
+        inner = getattr(inner, "denoiser", None)
+    return DiscreteSigmas(NoiseSchedule())
+
+
+def _lcm_scalings(t: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[float, float]:
+    """LCM's boundary condition (c_skip, c_out) at timestep t: the consistency function is the identity at
+    t = 0 and, from a few timesteps up, the model's x0 (c_skip is under 1e-5 on LCM's grid)."""
+    scaled = t * timestep_scaling
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / math.sqrt(scaled**2 + sigma_data**2)
+
+
+@torch.no_grad()
+def sample_lcm(model: Model, x, sigmas, extra_args=None, callback: Callback = None,
+               noise: NoiseSampler | None = None):
+    """Latent Consistency Model sampling (Luo et al. 2023), as diffusers' LCMScheduler: each step jumps to the
+    consistency function's x0, then noises it afresh to the next level (not after the last step to 0)."""
+    s = _floats(sigmas)
+    noise = noise or (lambda sigma, sigma_next: torch.randn_like(x))
+    # the boundary condition is stated in timesteps: the denoiser's own table maps sigma back to them
+    t = _table_of(model).sigma_to_t(torch.tensor(s[:-1], dtype=torch.float64)).tolist()
+    for i in range(len(s) - 1):
+        c_skip, c_out = _lcm_scalings(t[i])
+        # diffusers skips its unit-variance sample, x / sqrt(1 + sigma^2) here
+        denoised = _run(model, x, s[i], extra_args) * c_out + x * (c_skip / math.sqrt(1 + s[i] ** 2))
+        _report(callback, i, sigmas, x, denoised)
+        x = denoised
+        if s[i + 1] > 0:  # x = x0 + sigma * noise: diffusers' sqrt(a) * x0 + sqrt(1 - a) * noise, rescaled
+            x = x + noise(s[i], s[i + 1]) * s[i + 1]
     return x

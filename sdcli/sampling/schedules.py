@@ -95,8 +95,24 @@ def ddim(table: DiscreteSigmas, steps: int) -> torch.Tensor:
     return torch.cat([table.t_to_sigma(t), table.sigmas[:1]])
 
 
+LCM_ORIGINAL_STEPS = 50  # the grid LCM and LCM-LoRA were distilled on (diffusers' original_inference_steps)
+
+
+def lcm(table: DiscreteSigmas, steps: int) -> torch.Tensor:
+    """LCM's timesteps, as diffusers' LCMScheduler.set_timesteps: `steps` evenly spaced indices (rounded down)
+    into the distillation grid T-1, T-1-T/50, ..., T/50-1, then 0 (its timestep_spacing and steps_offset play
+    no part). Above 50 steps, where diffusers refuses, the grid is the one it builds for
+    original_inference_steps=steps, so every step is a distinct timestep (a hires pass may ask for that many)."""
+    n = len(table.sigmas)
+    grid_size = min(max(LCM_ORIGINAL_STEPS, steps), n)
+    k = n // grid_size
+    grid = torch.arange(grid_size, 0, -1, dtype=torch.float64) * k - 1  # [grid_size], descending
+    index = torch.tensor([i * grid_size // steps for i in range(steps)])  # floor(i * grid / steps), exact
+    return _append_zero(table.t_to_sigma(grid[index]))
+
+
 SCHEDULES = {"normal": normal, "karras": karras, "exponential": exponential, "sgm_uniform": sgm_uniform,
-             "ddim": ddim}
+             "ddim": ddim, "lcm": lcm}
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ def takes(task: Task, key: str) -> bool:
 
 
 def rerender_keys(task: Task) -> tuple[str, ...]:
-    """What a stored image record can set again (the rest is per-run or per-batch)."""
-    return tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size") and takes(task, k))
+    """What a stored image record can set again (the rest is per-run or per-batch; --lora is in the prompt)."""
+    return tuple(k for k in REQUEST_KEYS if k not in ("output", "n_images", "batch_size", "lora") and takes(task, k))
 
 
 def check_keys(task: Task, r: Request) -> None:
