@@ -76,7 +76,8 @@ class Request:
 RUN_KEYS = ("model", "vae", "prediction", "precision", "device")
 REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 # field -> int, float, str or tuple (of str; Optional unwrapped)
-_TYPES = {k: tuple if typing.get_origin(t) is tuple else next(a for a in (*typing.get_args(t), t) if a is not type(None))
+_TYPES = {k: tuple if typing.get_origin(t) is tuple else
+          next(a for a in (*typing.get_args(t), t) if a is not type(None))
           for k, t in typing.get_type_hints(Request).items()}
 LIST_KEYS = tuple(k for k, t in _TYPES.items() if t is tuple)  # options given once per value
 OPTIONAL_VALUES = {"crop_to_mask": "32"}  # options whose value may be left out: the value they then take
@@ -340,7 +341,8 @@ def plan(requests: list[Request], model_name: str, size: Callable[[Request], tup
         for i in range(r.n_images):
             seed = (base_seed + i) % (MAX_SEED + 1)
             resolved = dataclasses.replace(r, seed=seed)
-            fields = dict(seed=seed, prompt=slug(strip_tags(r.prompt)), image=slug(Path(r.image).stem) if r.image else "",
+            fields = dict(seed=seed, prompt=slug(strip_tags(r.prompt)),
+                          image=slug(Path(r.image).stem) if r.image else "",
                           index=len(jobs) + 1, steps=r.steps, sampler=r.sampler,
                           schedule=r.schedule, cfg=f"{r.cfg_scale:g}", width=r.width, height=r.height,
                           model=model_name, date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M%S"),

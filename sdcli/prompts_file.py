@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Iterable
 
 from sdcli.batch import (
-    LIST_KEYS, MAX_RUN_IMAGES, OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge, option_name,
-    request_key,
+    LIST_KEYS, MAX_RUN_IMAGES, OPTIONAL_VALUES, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, merge,
+    option_name, request_key,
 )
 from sdcli.errors import SdcliError, shown
 

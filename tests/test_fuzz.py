@@ -102,7 +102,8 @@ OPTION_WORDS = sorted({option_name(k) for k in (*REQUEST_KEYS, *RUN_KEYS)} | set
                       | {f"--{k}" for k in REQUEST_KEYS} | {"--json", "--overwrite", "--preset", "--", "-", "--="})
 HUGE = ("9" * 400, long_digits, "-" + "9" * 310, "1e400", "-1e400", "nan", "inf", "-inf", "0x10", "1_000", "1.5",
         "0", "-1", "1e-400", "²", "١٢٨", "Ⅷ", "１２", "true", "no", "512", "4294967296")
-PROMPT_WORDS = ("BREAK", "<lora:x:1>", "<lora:x:y>", "<lora:x:1:2:3>", "<hypernet:h>", "<", ">", "<lora:", " BREAK ", "(", ")", "[", "]", ":", "\\", "(a:1.2)", ":1.", "1.2.3", ".", "+-", "((", "))",
+PROMPT_WORDS = ("<lora:x:1>", "<lora:x:y>", "<lora:x:1:2:3>", "<hypernet:h>", "<", ">", "<lora:",
+                "BREAK", " BREAK ", "(", ")", "[", "]", ":", "\\", "(a:1.2)", ":1.", "1.2.3", ".", "+-", "((", "))",
                 "(a:" + "9" * 320 + ")", ":1e5", ":-0")
 
 prompts = texts(words=PROMPT_WORDS, max_size=120)

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from sdcli.cli.options import (BatchSizeOpt, CfgOpt, ClipSkipOpt, DeviceOpt, EmbeddingsDirOpt, HeightOpt, ImageOpt,
-                               JsonOpt, LoraDirOpt, LoraOpt, ModelOpt, NegativeOpt, NImagesOpt, OutputOpt, OverwriteOpt, PrecisionOpt, PredictionOpt,
-                               PresetOpt, PromptArg, QuietOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt,
-                               StepsOpt, StrengthOpt, TileOpt, TileOverlapOpt, VaeOpt, VaeTilingOpt, WidthOpt,
-                               shared_options)
+                               JsonOpt, LoraDirOpt, LoraOpt, ModelOpt, NegativeOpt, NImagesOpt, OutputOpt,
+                               OverwriteOpt, PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, ResizeOpt,
+                               SamplerOpt, ScheduleOpt, SeedOpt, StepsOpt, StrengthOpt, TileOpt, TileOverlapOpt, VaeOpt,
+                               VaeTilingOpt, WidthOpt, shared_options)
 
 
 def _render_options(
