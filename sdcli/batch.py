@@ -51,7 +51,7 @@ class Request:
     batch_size: int = 1  # images rendered together in one UNet batch
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
     lora: tuple[str, ...] = ()  # --lora FILE[:WEIGHT], repeatable and adding up (flags, then a line's): each
-    #                             becomes a <lora:...> tag at the end of the prompt (see with_lora_tags)
+    #                             becomes a <lora:...> tag at the end of the prompt (networks.tags.with_lora_tags)
     # img2img and inpaint
     image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
     strength: float | None = None  # runs the last int(steps * strength) steps; None: 0.75 img2img, 1 inpaint
@@ -269,17 +269,6 @@ def merge(base: Request, settings: dict, where: str = "") -> Request:
     if "sampler" in changes:
         changes.update(_sampler_alias(changes["sampler"], explicit_schedule=changes.get("schedule")))
     return validate(dataclasses.replace(base, **changes), where)
-
-
-def with_lora_tags(r: Request) -> Request:
-    """--lora entries as <lora:NAME:WEIGHT> tags at the end of the prompt, where A1111 keeps them: the stored
-    prompt then reproduces the run, in sdcli (--from-image) and in A1111's PNG Info alike."""
-    from sdcli.networks.tags import parse_lora_option
-
-    if not r.lora:
-        return r
-    tags = " ".join(parse_lora_option(entry).tag() for entry in r.lora)
-    return dataclasses.replace(r, prompt=f"{r.prompt} {tags}" if r.prompt else tags, lora=())
 
 
 def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:

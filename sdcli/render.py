@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import (MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate,
-                         with_lora_tags)
+from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
 from sdcli.networks.run import ignored_tags, network_record, prepare_networks
+from sdcli.networks.tags import with_lora_tags
 from sdcli.progress import Progress
 from sdcli.prompts_file import load_preset, read_prompts_file, read_stdin
 

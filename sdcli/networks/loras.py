@@ -29,6 +29,7 @@ class Loras:
         self.matched: dict[str, dict[str, str]] = {}  # a use's name -> {module: our weight name}
         self.active: tuple[LoraUse, ...] = ()
         self.patcher = None
+        self._hashes: dict[Path, str] = {}  # file -> A1111's short hash, once per run
 
     def path(self, name: str) -> Path:
         return find(name, self.dirs, SUFFIXES, "LoRA", "--lora-dir")
@@ -68,4 +69,10 @@ class Loras:
         """A1111's "Lora hashes": {name as the prompt gives it: short hash}."""
         from sdcli.hashing import lora_hash
 
-        return {use.name: lora_hash(self.files[use.name].path) for use in uses}
+        out = {}
+        for use in uses:
+            path = self.files[use.name].path
+            if path not in self._hashes:
+                self._hashes[path] = lora_hash(path)
+            out[use.name] = self._hashes[path]
+        return out

@@ -100,6 +100,17 @@ def parse_lora_option(text: str) -> LoraUse:
     return LoraUse(name, te, weights[1] if len(weights) > 1 else te)
 
 
+def with_lora_tags(r):
+    """A request (batch.Request) with its --lora entries as <lora:NAME:WEIGHT> tags at the end of the prompt, where
+    A1111 keeps them: the stored prompt then reproduces the run, in sdcli (--from-image) and in A1111's PNG Info."""
+    import dataclasses
+
+    if not r.lora:
+        return r
+    tags = " ".join(parse_lora_option(entry).tag() for entry in r.lora)
+    return dataclasses.replace(r, prompt=f"{r.prompt} {tags}" if r.prompt else tags, lora=())
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
