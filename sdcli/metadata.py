@@ -299,6 +299,8 @@ def _png_text(path) -> dict[str, str]:
             raise SdcliError(f"cannot read {path}: damaged PNG") from None
         raise SdcliError(f"{path} is not an image file: expected a PNG written by sdcli or A1111") from None
     except OSError as e:
+        if e.errno is None and has_png_signature(path):  # Pillow's own OSErrors: "Truncated File Read", ...
+            raise SdcliError(f"cannot read {path}: damaged PNG ({e})") from None
         raise SdcliError(f"cannot read {path}: {e.strerror or e}") from None
     except (SyntaxError, ValueError, EOFError) as e:  # what Pillow raises for a damaged PNG
         raise SdcliError(f"cannot read {path}: damaged PNG ({e})") from None
