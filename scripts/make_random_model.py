@@ -20,7 +20,7 @@ def architectures():
     from sdcli.config import ARCHITECTURES, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
     tiny = ModelConfig(
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True),
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
                         cross_attention_only=(False, False), context_dim=64),
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
         text=replace(TextEncoderConfig(), width=64, layers=2, heads=1, mlp_width=128),

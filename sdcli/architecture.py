@@ -58,28 +58,38 @@ class UNetConfig:
     model_channels: int = 320  # width of level 0; level i is model_channels * channel_mult[i]
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2  # resnets per level going down (one more per level going up)
-    attention_levels: tuple[bool, ...] = (True, True, True, False)  # spatial transformer at level i
+    # transformer blocks in each spatial transformer of level i, 0 for none: SD 1.x/2.x (1, 1, 1, 0), SDXL (0, 2, 10)
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    middle_depth: int = 1  # the middle block's: SDXL's is as deep as its last level (10)
     num_heads: int = 8  # used when head_dim == 0 (SD 1.x, x4 upscaler)
-    head_dim: int = 0  # SD 2.x: 64, heads = channels // 64
-    transformer_depth: int = 1  # transformer blocks per spatial transformer
-    context_dim: int = 768  # text-encoder width: 768 SD 1.x, 1024 SD 2.x
+    head_dim: int = 0  # SD 2.x and XL: 64, heads = channels // 64
+    context_dim: int = 768  # text-encoder width: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL (both encoders')
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     cross_attention_only: tuple[bool, ...] = (False, False, False, False)  # x4: attn1 attends to the text too
     num_classes: int = 0  # x4 upscaler: 1000 noise-level embeddings (label_emb)
+    adm_in_channels: int = 0  # SDXL: the added conditioning's width (pooled text + size embeddings, label_emb MLP)
     dropout: float = 0.0
     BOUNDS: ClassVar = {
         "in_channels": (1, MAX_CHANNELS), "out_channels": (1, MAX_CHANNELS), "model_channels": (1, MAX_WIDTH),
         "channel_mult": (1, MAX_WIDTH), "num_res_blocks": (1, MAX_RES_BLOCKS), "num_heads": (1, MAX_HEADS),
-        "head_dim": (0, MAX_WIDTH), "transformer_depth": (1, MAX_DEPTH), "context_dim": (1, MAX_WIDTH),
-        "num_classes": (0, MAX_CLASSES),
+        "head_dim": (0, MAX_WIDTH), "transformer_depth": (0, MAX_DEPTH), "middle_depth": (1, MAX_DEPTH),
+        "context_dim": (1, MAX_WIDTH), "num_classes": (0, MAX_CLASSES), "adm_in_channels": (0, MAX_WIDTH),
     }
 
     def __post_init__(self):
         _check(self, self.BOUNDS)
         _check_widths(self.model_channels, self.channel_mult)
         n = len(self.channel_mult)
-        if len(self.attention_levels) != n or len(self.cross_attention_only) != n:
-            raise ConfigError("attention_levels and cross_attention_only need one entry per channel_mult level")
+        if len(self.transformer_depth) != n or len(self.cross_attention_only) != n:
+            raise ConfigError("transformer_depth and cross_attention_only need one entry per channel_mult level")
+        if self.num_classes and self.adm_in_channels:
+            raise ConfigError("a UNet takes class labels (num_classes) or added conditioning (adm_in_channels), "
+                              "not both")
+
+    @property
+    def attention_levels(self) -> tuple[bool, ...]:
+        """Whether level i has spatial transformers."""
+        return tuple(d > 0 for d in self.transformer_depth)
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, head dim) of a spatial transformer of this width."""
@@ -126,9 +136,10 @@ class TextEncoderConfig:
     mlp_width: int = 3072
     max_positions: int = 77
     activation: str = "quick_gelu"  # OpenCLIP ViT-H: "gelu"
-    skip_last_layers: int = 0  # SD 2.x conditions on the penultimate layer (then the final norm)
-    pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!"
-    projection_dim: int = 0  # OpenCLIP text_projection, kept only so single files round-trip
+    skip_last_layers: int = 0  # SD 2.x and XL condition on the penultimate layer
+    final_norm: bool = True  # the final layer norm follows a skipped layer (SD 2.x; SDXL takes it raw)
+    pad_token: str = "<|endoftext|>"  # SD 2.x pads with "!", and SDXL's OpenCLIP bigG
+    projection_dim: int = 0  # text_projection: SDXL's pooled vector (OpenCLIP bigG); SD 2.x's only round-trips
     BOUNDS: ClassVar = {
         "vocab_size": (1, MAX_VOCAB), "width": (1, MAX_WIDTH), "layers": (1, MAX_TEXT_LAYERS),
         "heads": (1, MAX_HEADS), "mlp_width": (1, MAX_WIDTH), "max_positions": (1, MAX_POSITIONS),

@@ -52,6 +52,10 @@ class Request:
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
     lora: tuple[str, ...] = ()  # --lora FILE[:WEIGHT], repeatable and adding up (flags, then a line's): each
     #                             becomes a <lora:...> tag at the end of the prompt (networks.tags.with_lora_tags)
+    # SDXL's size conditioning: "WxH" the image is said to have had before a crop at "TOP,LEFT" (A1111 and
+    # diffusers: the size rendered, uncropped)
+    original_size: str | None = None
+    crop_coords: str | None = None
     # img2img and inpaint
     image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
     strength: float | None = None  # runs the last int(steps * strength) steps; None: 0.75 img2img, 1 inpaint
@@ -218,6 +222,7 @@ def _validate(r: Request) -> None:
         bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {shown(r.resize)}")
     if r.output is not None:
         check_output_name(r.output)
+    size_conditioning(r)
     if len(r.lora) > MAX_LIST:
         bad(f"--lora is given {len(r.lora):,} times: at most {MAX_LIST}")
     for entry in r.lora:
@@ -227,6 +232,24 @@ def _validate(r: Request) -> None:
         text = getattr(r, name)
         loras_in(text, f"the {name.replace('_', ' ')}")
         parse_prompt_attention(strip_tags(text))
+
+
+def size_conditioning(r: Request) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """SDXL's --original-size WxH and --crop-coords TOP,LEFT -> ((width, height) or None, (top, left))."""
+    def numbers(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
+        if text is None:
+            return None
+        parts = text.lower().split(sep)
+        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 5 for p in parts):
+            raise SdcliError(f"{option} must be two whole numbers as {example}, not {shown(text)}")
+        a, b = (int(p) for p in parts)
+        if max(a, b) > MAX_SIZE or (sep == "x" and min(a, b) < 8):
+            raise SdcliError(f"{option} {shown(text)}: each number must be {'8' if sep == 'x' else '0'} to "
+                             f"{MAX_SIZE} px")
+        return a, b
+
+    return (numbers(r.original_size, "x", "--original-size", "1024x1024"),
+            numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0))
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: NUL, ESC, ...

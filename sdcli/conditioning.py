@@ -18,7 +18,7 @@ class Conditioning:
     """One prompt's conditioning (and the image's, once a task adds it), every part batch-first."""
 
     context: torch.Tensor  # [B, L, D] cross-attention: the text encoder's hidden states
-    pooled: torch.Tensor | None = None  # [B, D'] a pooled text vector (SDXL's; not used yet)
+    pooled: torch.Tensor | None = None  # [B, D'] a pooled text vector (SDXL's, which `y` starts from)
     y: torch.Tensor | None = None  # [B, A] added conditioning (SDXL's pooled text and size embeddings)
     concat: torch.Tensor | None = None  # [B, C', h, w] extra UNet input channels: inpainting's mask and masked
     #                                     latents, the x4 upscaler's noised low-res image
@@ -67,3 +67,20 @@ class Conditioning:
             v = getattr(self, f.name)
             values[f.name] = None if v is None else v.map(fn) if isinstance(v, Residuals) else fn(v)
         return Conditioning(**values)
+
+
+def with_added(cond: Conditioning, cfg, s, size: tuple[int, int], negative: bool = False) -> Conditioning:
+    """SDXL's added conditioning `y` [1, adm_in_channels]: the pooled text vector, then each of the family's numbers
+    (original size, crop, target size or aesthetic score) as a sinusoid cfg.added_width wide, as sgm's
+    ConcatTimestepEmbedderND and diffusers' add_time_ids embed them. `s`: the engine's Sampling, `size` the image's
+    (width, height)."""
+    from sdcli.models.unet import timestep_embedding
+
+    width, height = size
+    original_width, original_height = s.original_size or size
+    numbers = {"original_height": original_height, "original_width": original_width, "crop_top": s.crop[0],
+               "crop_left": s.crop[1], "target_height": height, "target_width": width,
+               "aesthetic_score": s.negative_aesthetic_score if negative else s.aesthetic_score}
+    values = torch.tensor([float(numbers[n]) for n in cfg.kind.added], device=cond.pooled.device)
+    embedded = timestep_embedding(values, cfg.added_width).reshape(1, -1)  # [1, n * added_width]
+    return cond.with_parts(y=torch.cat([cond.pooled, embedded.to(cond.pooled.dtype)], dim=1))

@@ -22,8 +22,10 @@ __all__ = ["ARCHITECTURES", "ModelConfig", "NoiseSchedule", "SD1_TEXT", "TextEnc
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    family: str = "sd1"  # the lineage, "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP (see `kind`)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the (first) text encoder
+    text_2: TextEncoderConfig | None = None  # SDXL base's second, OpenCLIP bigG (see Family.encoders)
+    # the lineage, "sd1": OpenAI CLIP text encoder | "sd2": OpenCLIP | "sdxl": both | "sdxl-refiner" (see `kind`)
+    family: str = "sd1"
     prediction: str = "eps"  # what the UNet predicts: "eps" (noise) or "v"
     latent_scale: float = 0.18215  # latents fed to the UNet = VAE latents * latent_scale
     resolution: int | None = None  # px a side it was trained at (a diffusers folder's); None: see native_size
@@ -40,6 +42,20 @@ class ModelConfig:
             raise ValueError(f"latent scale must be a positive number, not {self.latent_scale!r}")
         if self.resolution is not None and (type(self.resolution) is not int or self.resolution < 8):
             raise ValueError(f"resolution must be an integer >= 8, not {self.resolution!r}")
+        if len(self.texts) != len(BASES[self.family].encoders):
+            raise ValueError(f"a {self.family} model has {len(BASES[self.family].encoders)} text encoders")
+
+    @property
+    def added_width(self) -> int:
+        """SDXL: how wide each number of the added conditioning is embedded (256 in the releases): what the UNet's
+        added-conditioning input leaves beside the pooled text vector, shared by the family's numbers."""
+        rest = self.unet.adm_in_channels - self.texts[-1].projection_dim
+        return rest // len(self.kind.added) if self.kind.added else 0
+
+    @property
+    def texts(self) -> tuple[TextEncoderConfig, ...]:
+        """Every text encoder's config, in Family.encoders' order."""
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
 
     @property
     def kind(self) -> Family:
@@ -65,7 +81,8 @@ class ModelConfig:
 def reference_config(family: Family) -> ModelConfig:
     """The full-size architecture of a family's releases, with their conventions."""
     return ModelConfig(
-        unet=family.unet, vae=family.vae, text=family.text, family=family.lineage, prediction=family.prediction,
+        unet=family.unet, vae=family.vae, text=family.text, text_2=family.text_2, family=family.lineage,
+        prediction=family.prediction,
         latent_scale=family.latent_scale, schedule=family.schedule, low_res_schedule=family.low_res_schedule,
         max_noise_level=family.max_noise_level,
     )

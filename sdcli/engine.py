@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from sdcli import tiling
-from sdcli.conditioning import Conditioning
+from sdcli.conditioning import Conditioning, with_added
 from sdcli.errors import SdcliError
 from sdcli.networks.loras import Loras, uses_of
 from sdcli.networks.tags import strip_tags
@@ -30,6 +30,12 @@ class Sampling:
     sampler: str  # a key of sampling.SAMPLERS
     schedule: str  # a key of sampling.SCHEDULES
     clip_skip: int = 1  # 1: the model's own text layer; 2: the one before (A1111's "Clip skip")
+    # SDXL's size conditioning: the (width, height) the image is said to have been before a crop at (top, left);
+    # None: the size rendered, as A1111 does. The refiner's aesthetic scores, of the prompt and the negative.
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
@@ -107,14 +113,20 @@ class Engine:
             return self._encoded[1]
         with torch.inference_mode(), self.autocast():
             # Encoded apart, so each keeps its own length (in 77-token chunks), as A1111 does by default
-            cond = Conditioning(self._encode_text(prompt, clip_skip))
-            uncond = None if cfg_scale == 1 else Conditioning(self._encode_text(negative_prompt, clip_skip))
+            cond = self._encode_text(prompt, clip_skip)
+            uncond = None if cfg_scale == 1 else self._encode_text(negative_prompt, clip_skip, negative=True)
         result = (cond, uncond)
         self._encoded = (key, result)
         return result
 
-    def _encode_text(self, prompt: str, clip_skip: int) -> torch.Tensor:
-        return encode_prompts(self.model, [strip_tags(prompt)], clip_skip, embeddings=self.embeddings).float()
+    def _encode_text(self, prompt: str, clip_skip: int, negative: bool = False) -> Conditioning:
+        pooled = bool(self.cfg.kind.added)  # SDXL's added conditioning starts from the pooled text vector
+        text = strip_tags(prompt)
+        out = encode_prompts(self.model, [text], clip_skip, embeddings=self.embeddings, pooled=pooled)
+        context, vector = out if pooled else (out, None)
+        if pooled and negative and not text:  # SDXL: an empty negative prompt is no text at all (A1111, diffusers)
+            context, vector = torch.zeros_like(context), torch.zeros_like(vector)
+        return Conditioning(context.float(), None if vector is None else vector.float())
 
     def use_loras(self, prompt: str, negative_prompt: str = "") -> None:
         """Merge the LoRAs of the prompts' tags (exactly those: the last prompts' are taken off bit for bit)."""
@@ -173,6 +185,10 @@ class Engine:
         """Run the sampler from noise level sigmas[0] to sigmas[-1]. `model` wraps the guided denoiser
         (inpainting's known region, tiles); `cond` carries the per-image parts (concat, class_labels)."""
         b = x.shape[0]
+        if self.cfg.kind.added:  # SDXL: the pooled text and the size of the whole image rendered
+            size = tuple(n * self.cfg.vae.downsample_factor for n in x.shape[:-3:-1])  # (width, height)
+            cond = with_added(cond, self.cfg, batch.s, size)
+            uncond = None if uncond is None else with_added(uncond, self.cfg, batch.s, size, negative=True)
         extra = {"cond": cond.expand(b), "uncond": None if uncond is None else uncond.expand(b),
                  "cond_scale": batch.s.cfg_scale}
         sampler = SAMPLERS[batch.s.sampler]

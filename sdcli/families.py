@@ -49,6 +49,16 @@ class Family:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the reference architecture
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # also its layout and pad token
+    text_2: TextEncoderConfig | None = None  # SDXL base's second encoder, OpenCLIP bigG
+    # its text encoders in the order their hidden states are joined: (our component name, module path = the
+    # single file's key prefix, diffusers folder); ModelConfig.text is the first, text_2 the second
+    encoders: tuple[tuple[str, str, str], ...] = (("text_encoder", "cond_stage_model", "text_encoder"),)
+    # SDXL: the numbers embedded beside the pooled text vector in the UNet's added conditioning (in order)
+    added: tuple[str, ...] = ()
+
+    @property
+    def texts(self) -> tuple[TextEncoderConfig, ...]:
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
 
     def native_size(self, prediction: str) -> int:
         return self.v_size if self.v_size and prediction == "v" else self.size
@@ -116,16 +126,51 @@ X4 = Family(  # [noisy latents, the noised low-res RGB image]; SD 2.x's text enc
     pipeline="StableDiffusionUpscalePipeline", reference="x4-upscaler",
     unet=UNetConfig(
         in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4),
-        attention_levels=(False, True, True, True), num_heads=8, context_dim=1024,
+        transformer_depth=(0, 1, 1, 1), num_heads=8, context_dim=1024,
         use_linear_projection=True, cross_attention_only=(False, True, True, False), num_classes=1000,
     ),
     vae=VAEConfig(ch_mult=(1, 2, 4)),
     text=SD2.text,
 )
 
+# SDXL's encoders condition on their penultimate layer without the final norm; bigG's pooled vector is projected
+XL_CLIP_L = replace(SD1.text, skip_last_layers=1, final_norm=False)
+XL_BIG_G = TextEncoderConfig(
+    layout="openclip", width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", skip_last_layers=1,
+    final_norm=False, pad_token="!", projection_dim=1280,
+)
+XL_SIZES = ("original_height", "original_width", "crop_top", "crop_left")  # then the base's target size
+
+SDXL = Family(  # CLIP ViT-L and OpenCLIP bigG joined (2048 wide), size conditioning, 3 levels, 1024 px, eps
+    name="sdxl", variant="SDXL", lineage="sdxl", task="txt2img", in_channels=4, size=1024, latent_scale=0.13025,
+    pipeline="StableDiffusionXLPipeline", reference="sdxl-base",
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), middle_depth=10, head_dim=64, context_dim=2048,
+        use_linear_projection=True, cross_attention_only=(False,) * 3, adm_in_channels=2816,
+    ),
+    text=XL_CLIP_L, text_2=XL_BIG_G,
+    encoders=(("text_encoder", "conditioner.embedders.0", "text_encoder"),
+              ("text_encoder_2", "conditioner.embedders.1", "text_encoder_2")),
+    added=(*XL_SIZES, "target_height", "target_width"),
+)
+SDXL_REFINER = Family(  # bigG alone, conditioned on an aesthetic score instead of the target size: img2img only
+    name="sdxl-refiner", variant="SDXL refiner", lineage="sdxl-refiner", task="refiner", in_channels=4, size=1024,
+    latent_scale=0.13025, pipeline="StableDiffusionXLImg2ImgPipeline", reference="sdxl-refiner",
+    unet=UNetConfig(
+        model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0), middle_depth=4, head_dim=64,
+        context_dim=1280, use_linear_projection=True, adm_in_channels=2560,
+    ),
+    text=XL_BIG_G,
+    encoders=(("text_encoder", "conditioner.embedders.0", "text_encoder_2"),),
+    added=(*XL_SIZES, "aesthetic_score"),
+)
+SDXL_INPAINTING = _on(SDXL, "inpainting", "inpainting", 9, pipeline="StableDiffusionXLInpaintPipeline")
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SD1_PIX2PIX,
-                                                   SD2_PIX2PIX, X4)}
-BASES = {f.lineage: f for f in (SD1, SD2)}  # each lineage's text-to-image family: its text encoder's facts
+                                                   SD2_PIX2PIX, X4, SDXL, SDXL_INPAINTING, SDXL_REFINER)}
+# each lineage's text-to-image family: its text encoders' facts
+BASES = {f.lineage: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}
+SINGLE_ENCODER = (SD1, SD2)  # the lineages told apart by their one text encoder's layout or activation
 
 
 # --- recognition ----------------------------------------------------------------------------------
@@ -140,14 +185,16 @@ def family_of(cfg: ModelConfig) -> Family:
             return f
     base = BASES[cfg.family]
     return Family(name=f"{base.name}-{n}-channel", variant=f"{base.variant} {n}-channel", lineage=base.lineage,
-                  task=f"{n}-channel", in_channels=n, text=base.text)
+                  task=f"{n}-channel", in_channels=n, text=base.text, text_2=base.text_2, encoders=base.encoders,
+                  added=base.added)
 
 
 def lineage_of_layout(layout: str) -> str:
-    """A single file's lineage, from its text encoder's layout ("clip" or "openclip")."""
-    return next(b.lineage for b in BASES.values() if b.text.layout == layout)
+    """A single-encoder single file's lineage, from its text encoder's layout ("clip" or "openclip")."""
+    return next(b.lineage for b in SINGLE_ENCODER if b.text.layout == layout)
 
 
 def lineage_of_activation(activation) -> str:
-    """A diffusers folder's lineage, from text_encoder/config.json's hidden_act (SD 1.x for any but gelu)."""
-    return next((b.lineage for b in BASES.values() if b.text.activation == activation), SD1.lineage)
+    """A single-encoder diffusers folder's lineage, from text_encoder/config.json's hidden_act (SD 1.x for any
+    but gelu)."""
+    return next((b.lineage for b in SINGLE_ENCODER if b.text.activation == activation), SD1.lineage)

@@ -7,11 +7,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from sdcli.errors import SdcliError
 
 HASH_BLOCK = 8 << 20
+_HEX = re.compile(r"[0-9a-fA-F]{12,}")  # a stored hash: kohya's sshs_model_hash is all 64 digits of a sha256
 
 
 def file_hash(path: str | Path) -> str:
@@ -65,12 +67,13 @@ def model_hash(path) -> str | None:
 
 def lora_hash(path) -> str:
     """A1111's hash of a LoRA in "Lora hashes": kohya's "addnet" hash (the sha256 of a safetensors file's data,
-    after its header), first 12 hex digits; the header's own `sshs_model_hash` when it has one."""
+    after its header), first 12 hex digits; the header's own `sshs_model_hash` when it has one that is a hash
+    (anything else in it would be written into the image's parameters as the file's hash)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         stored = (f.metadata() or {}).get("sshs_model_hash")
-    if isinstance(stored, str) and stored.strip():
+    if isinstance(stored, str) and _HEX.fullmatch(stored.strip()):
         return stored.strip()[:12]
     return _cached_sha256(Path(path), "addnet", "LoRA")[:12]
 

@@ -221,24 +221,41 @@ def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, width: int | 
     return out
 
 
-def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=None) -> torch.Tensor:
-    """-> [len(prompts), 77 * k, width]: every prompt padded to the same number k of chunks.
+def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=None, pooled: bool = False):
+    """-> [len(prompts), 77 * k, width]: every prompt padded to the same number k of chunks; with `pooled` also
+    [len(prompts), projection_dim], the last encoder's pooled vector of each prompt's first chunk (SDXL's, as A1111
+    takes it). SDXL's two encoders each encode the chunks, their hidden states joined: width = the sum of theirs.
 
     Shorter prompts are padded with chunks of the encoded empty prompt, as A1111 pads cond and uncond.
-    All chunks go through the text encoder in one batch. `embeddings` (networks.embeddings.Embeddings): the
+    All chunks go through each text encoder in one batch. `embeddings` (networks.embeddings.Embeddings): the
     textual-inversion embeddings that the prompts may name.
     """
     import torch
 
-    chunk_length = model.cfg.text.max_positions - 2
-    per_prompt = [tokenize_prompt(model.tokenizer, p, chunk_length, embeddings=embeddings,
-                                  width=model.cfg.text.width) for p in prompts]
+    hidden, vectors = [], None
+    encoders = model.text_encoders
+    for i, (encoder, tokenizer) in enumerate(encoders):
+        last = i == len(encoders) - 1
+        h, vectors = _encode_with(encoder, tokenizer, prompts, clip_skip, embeddings, pooled and last)
+        hidden.append(h)
+    context = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+    return (context, vectors) if pooled else context
+
+
+def _encode_with(encoder, tokenizer, prompts: list[str], clip_skip: int, embeddings, pooled: bool):
+    """One text encoder's encode_prompts: -> ([P, 77 * k, width], [P, projection_dim] or None)."""
+    import torch
+
+    cfg = encoder.cfg
+    chunk_length = cfg.max_positions - 2
+    per_prompt = [tokenize_prompt(tokenizer, p, chunk_length, embeddings=embeddings, width=cfg.width)
+                  for p in prompts]
     counts = [c.ids.shape[0] for c in per_prompt]
     k = max(counts)
     parts = list(per_prompt)
     if min(counts) < k:  # the empty prompt's single chunk rides along as the last row
-        parts.append(tokenize_prompt(model.tokenizer, "", chunk_length))
-    device = next(model.text_encoder.parameters()).device
+        parts.append(tokenize_prompt(tokenizer, "", chunk_length))
+    device = next(encoder.parameters()).device
     ids = torch.cat([c.ids for c in parts]).to(device)  # [n, 77]
     weights = torch.cat([c.weights for c in parts]).to(device)  # [n, 77]
     fixes, row = [], 0
@@ -247,10 +264,8 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=Non
         row += c.ids.shape[0]
 
     with torch.no_grad():
-        if fixes:
-            hidden = model.text_encoder(ids, clip_skip=clip_skip, fixes=fixes)  # [n, 77, width]
-        else:
-            hidden = model.text_encoder(ids, clip_skip=clip_skip)
+        out = encoder(ids, clip_skip=clip_skip, fixes=fixes or None, pooled=pooled)
+        hidden, vectors = out if pooled else (out, None)  # [n, 77, width], [n, projection_dim]
         weighted = (weights != 1).any(dim=1)  # [n]
         if weighted.any():
             # A1111's "Original" emphasis: scale by the weights, then restore the mean. A1111 takes the mean over
@@ -261,12 +276,13 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=Non
             h = h * (before / h.mean(dim=(1, 2), keepdim=True))
             hidden[weighted] = h.to(hidden.dtype)
 
-    out = []
+    out, firsts = [], []
     start = 0
     for count in counts:
         rows = hidden[start:start + count]  # [count, 77, width]
         if count < k:
             rows = torch.cat([rows, hidden[-1:].expand(k - count, -1, -1)])
         out.append(rows.reshape(-1, rows.shape[-1]))  # [77 * k, width]
+        firsts.append(start)
         start += count
-    return torch.stack(out)
+    return torch.stack(out), None if vectors is None else vectors[firsts]

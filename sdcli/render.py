@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
+from sdcli.batch import (MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan,
+                         size_conditioning, validate)
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
 from sdcli.networks.run import ignored_tags, network_record, prepare_networks
@@ -257,7 +258,8 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                 r = group[0].request
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{total}"
                 start = time.perf_counter()
-                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip)
+                original, crop = size_conditioning(r)
+                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, original, crop)
                 with bar.image(label, task.steps_run(r, engine.cfg)) as step:
                     images, extra = task.render(engine, r, s, [j.request.seed for j in group], run.sources, step)
                 seconds = (time.perf_counter() - start) / len(group)

@@ -38,6 +38,24 @@ def tiny(tiny_root):
     return get
 
 
+@pytest.fixture(scope="session")
+def sd_pipelines(tiny):
+    """{"sd1": (pipeline, engine), "sd2": ...}: diffusers' StableDiffusionPipeline and an sdcli Engine on the same
+    tiny eps (sd1) and v-prediction (sd2) model, built once. Shared: set pipeline.scheduler before each use."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdcli.engine import Engine
+    from sdcli.loading import load_model
+
+    out = {}
+    for kind in ("sd1", "sd2"):
+        tm = tiny(kind)
+        pipe = StableDiffusionPipeline.from_pretrained(tm.folder, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        out[kind] = pipe, Engine(load_model(tm.single_file), torch.device("cpu"))
+    return out
+
+
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run the real console entry point in-process: returns (exit code, stdout, stderr)."""

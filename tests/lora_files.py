@@ -88,3 +88,22 @@ def peft_lora(ref, folder: Path, *, rank: int = 4, alpha: float = 8.0, seed: int
         text_encoder_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": text_targets},
         safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+# --- one-module files for the checks (module names of the tiny SD 1.x) ---------------------------------------
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a [32, 32] weight
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # a [32, 32, 3, 3] weight
+
+
+def module_file(path: Path, tensors: dict[str, torch.Tensor], module: str = Q, metadata=None) -> Path:
+    """A LoRA of one module: `tensors` by their name after "<module>." (lora_down.weight, hada_w1_a, alpha)."""
+    save_file({f"{module}.{k}": v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def factors(rank: int = 4, out: int = 32, inputs: int = 32, seed: int = 0, alpha: float = 2.0) -> dict:
+    """A plain LoRA's well-formed tensors for an [out, inputs] weight (change values about 0.01)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"lora_down.weight": torch.randn(rank, inputs, generator=g) * 0.1,
+            "lora_up.weight": torch.randn(out, rank, generator=g) * 0.1, "alpha": torch.tensor(alpha)}

@@ -54,7 +54,7 @@ def test_every_family_is_found_again_from_its_own_config():
         cfg = reference_config(family)
         assert family_of(cfg) is family
         assert (cfg.task, cfg.variant, cfg.text.pad_token) == (family.task, family.variant, family.text.pad_token)
-    assert list(ARCHITECTURES) == ["sd15", "sd15-inpainting", "sd2-768-v", "x4-upscaler"]
+    assert list(ARCHITECTURES) == ["sd15", "sd15-inpainting", "sd2-768-v", "x4-upscaler", "sdxl-base", "sdxl-refiner"]
 
 
 @pytest.mark.parametrize("kind,family", [("sd1", "sd1"), ("sd2", "sd2"), ("inpaint", "sd1-inpainting"),
@@ -95,7 +95,7 @@ def test_sd2_widths_that_do_not_split_into_64_wide_heads_are_named(tiny, tmp_pat
     path = tmp_path / "narrow.safetensors"
     save_file({k: v[:, :, 0, 0].contiguous() if ".proj_" in k and v.ndim == 4 else v for k, v in state.items()},
               str(path))
-    with pytest.raises(ModelLoadError, match=r"widths \[32, 64, 64\] do not fit SD 2.x's 64-wide attention heads"):
+    with pytest.raises(ModelLoadError, match=r"widths \[32, 64, 64\] do not fit the 64-wide attention heads"):
         inspect_model(path)
     code, out, err = run_cli("info", path)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1

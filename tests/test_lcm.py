@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from sdcli.config import NoiseSchedule
-from sdcli.engine import Engine, Sampling
+from sdcli.engine import Sampling
+from sdcli.errors import SdcliError
 from sdcli.images import to_tensor
-from sdcli.loading import load_model
 from sdcli.metadata import read_png
 from sdcli.prompts_file import load_preset
-from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, DiscreteSigmas
+from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, CFGDenoiser, DiscreteSigmas
+from sdcli.sampling.denoisers import KnownRegion, TiledDenoiser
 from sdcli.tasks.img2img import img2img
 from sdcli.tasks.txt2img import txt2img
 from test_img2img import source_image
@@ -31,19 +32,21 @@ PROMPT, NEGATIVE, SEED, SIZE = "a photograph of an astronaut riding a horse", "b
 
 
 @pytest.fixture(scope="module")
-def setups(tiny):
+def setups(tiny, sd_pipelines):
+    """{kind: (txt2img pipeline, img2img pipeline, engine)}: the shared pipelines' models under LCMScheduler."""
     from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     out = {}
-    for kind in ("sd1", "sd2"):
-        tm = tiny(kind)
-        pipe = StableDiffusionPipeline.from_pretrained(tm.folder, safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # what the LCM-LoRA model card does
-        assert not pipe.scheduler.config.clip_sample  # as Stable Diffusion's configs set it (sdcli never clips)
-        pipe.set_progress_bar_config(disable=True)
-        i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
-        i2i.set_progress_bar_config(disable=True)
-        out[kind] = pipe, i2i, Engine(load_model(tm.single_file), torch.device("cpu"))
+    for kind, (shared, engine) in sd_pipelines.items():
+        # the folder's scheduler config (the shared pipeline's own scheduler may have been swapped), as the
+        # LCM-LoRA model card's LCMScheduler.from_config(pipe.scheduler.config) reads it
+        lcm = LCMScheduler.from_pretrained(tiny(kind).folder, subfolder="scheduler")
+        assert not lcm.config.clip_sample  # as Stable Diffusion's configs set it (sdcli never clips)
+        components = {**shared.components, "scheduler": lcm}
+        pipes = StableDiffusionPipeline(**components), StableDiffusionImg2ImgPipeline(**components)
+        for pipe in pipes:
+            pipe.set_progress_bar_config(disable=True)
+        out[kind] = *pipes, engine
     return out
 
 
@@ -86,9 +89,16 @@ def test_schedule_is_lcm_schedulers_timesteps():
         sigmas = SCHEDULES["lcm"](table, steps)
         assert len(sigmas) == steps + 1 and sigmas[-1] == 0
         assert torch.allclose(table.sigma_to_t(sigmas[:-1]), ref.timesteps.double(), atol=1e-6), steps
-    # above 50, where diffusers refuses: the grid it builds for original_inference_steps = steps
-    ref.set_timesteps(60, original_inference_steps=60)
-    assert torch.allclose(table.sigma_to_t(SCHEDULES["lcm"](table, 60)[:-1]), ref.timesteps.double(), atol=1e-6)
+    # above 50, where diffusers refuses: the grid it builds for original_inference_steps = steps, up to one step a
+    # training timestep (past which it refuses that too, and so does sdcli)
+    for steps in (60, 1000):
+        ref.set_timesteps(steps, original_inference_steps=steps)
+        sigmas = SCHEDULES["lcm"](table, steps)
+        assert torch.allclose(table.sigma_to_t(sigmas[:-1]), ref.timesteps.double(), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be larger"):
+        ref.set_timesteps(1001, original_inference_steps=1001)
+    with pytest.raises(SdcliError, match="more than the 1,000 "):
+        SCHEDULES["lcm"](table, 1001)
 
 
 def lcm_scalings(t: float) -> tuple[float, float]:
@@ -98,21 +108,23 @@ def lcm_scalings(t: float) -> tuple[float, float]:
 
 
 class ConstantDenoiser:
-    """Predicts x0 = 3 everywhere, on its own noise table (found, as an sdcli Denoiser's, under `.denoiser`)."""
+    """Predicts x0 = 3 everywhere, on its own noise table (its timesteps, as an sdcli Denoiser gives them)."""
 
     def __init__(self, table):
-        self.table = table
+        self.sigma_to_t = table.sigma_to_t
 
     def __call__(self, x, sigma, **kwargs):
         return torch.full_like(x, 3.0)
 
 
-class Wrapper:  # what guidance, tiling and inpainting look like to a sampler
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
-
-    def __call__(self, x, sigma, **kwargs):
-        return self.denoiser(x, sigma, **kwargs)
+def test_wrappers_pass_the_timesteps_on():
+    """Guidance, inpainting and tiling wrap a denoiser: the LCM sampler asks the outermost for timesteps."""
+    table = DiscreteSigmas(NoiseSchedule("linear", 0.2, 0.6, num_train_timesteps=10))
+    inner = ConstantDenoiser(table)
+    x = torch.zeros(1, 1, 2, 2)
+    sigma = table.t_to_sigma(torch.tensor([2.5, 7.0]))
+    for wrapper in (CFGDenoiser(inner), KnownRegion(inner, x, x), TiledDenoiser(inner, 64, 8)):
+        assert torch.allclose(wrapper.sigma_to_t(sigma), torch.tensor([2.5, 7.0], dtype=torch.float64))
 
 
 def test_boundary_condition_and_noise_closed_form():
@@ -132,7 +144,8 @@ def test_boundary_condition_and_noise_closed_form():
         draws.append((sigma, sigma_next))
         return z
 
-    out = SAMPLERS["lcm"].fn(Wrapper(ConstantDenoiser(table)), x, sigmas, noise=noise)
+    tiled = TiledDenoiser(ConstantDenoiser(table), 64, 8)  # one tile: the inner denoiser, as the engine wraps it
+    out = SAMPLERS["lcm"].fn(tiled, x, sigmas, noise=noise)
     (skip2, out2), (skip1, out1) = lcm_scalings(2), lcm_scalings(1)
     x1 = out2 * 3 + skip2 * 5 / math.sqrt(1 + s0**2) + s1 * 0.7
     want = out1 * 3 + skip1 * x1 / math.sqrt(1 + s1**2)

@@ -4,6 +4,7 @@ prompts-file lines leaves the weights bit for bit as loaded; metadata, `sdcli in
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,8 +214,75 @@ def test_info_describes_a_lora(loras, run_cli):
     assert "kohya-ss" in out and "UNet and text encoder" in out and "rank          4" in out
     assert "alpha         2" in out and "SD 1.x" in out and "ss_network_dim" in out
     code, out, err = run_cli("info", loras["peft"], "--json")
-    summary = json.loads(out)
+    summary = strict_json(out)
     assert summary["format"] == "diffusers (PEFT)" and summary["ranks"] == [4] and summary["alphas"] == []
+
+
+def strict_json(text: str):
+    """JSON as the standard has it (Python's reader takes NaN and Infinity, which others refuse)."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_info_describes_an_embedding(run_cli, tmp_path):
+    """The two kinds of file embeddings.read_embedding reads: kohya's safetensors and A1111's own .pt."""
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(3, 768)}, str(tmp_path / "style.safetensors"))
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 1024)}, "name": "old",
+                "step": 100}, tmp_path / "old.pt")
+    code, out, err = run_cli("info", tmp_path / "style.safetensors")
+    assert code == 0, err
+    assert "textual-inversion embedding" in out and "vectors       3 " in out and "width         768" in out
+    assert "made for      SD 1.x" in out
+    code, out, err = run_cli("info", tmp_path / "old.pt", "--json")
+    assert code == 0, err
+    assert strict_json(out) == {"path": str(tmp_path / "old.pt"), "kind": "embedding", "vectors": 2,
+                                "width": 1024, "family": "SD 2.x"}
+
+
+def test_info_refuses_what_no_model_could_merge(run_cli, tmp_path):
+    """A damaged alpha, a NaN one (which JSON cannot hold), rank 0, an empty file: one line each, nothing on
+    stdout."""
+    nan = torch.tensor(float("nan"))
+    cases = [({**lora_files.factors(), "alpha": torch.ones(3)}, "has alpha [3], not one number"),
+             ({**lora_files.factors(), "alpha": nan}, "not finite numbers (NaN or infinity) in its alpha"),
+             ({"lora_down.weight": torch.zeros(0, 32), "lora_up.weight": torch.zeros(32, 0)}, "has rank 0")]
+    for i, (tensors, message) in enumerate(cases):
+        path = lora_files.module_file(tmp_path / f"{i}.safetensors", tensors)
+        for json_flag in ((), ("--json",)):
+            code, out, err = run_cli("info", path, *json_flag)
+            assert code == 2 and out == "" and err.count("\n") == 1, (code, out, err)
+            assert err.startswith(f"sdcli: error: {i}.safetensors: module {lora_files.Q} ") and message in err, err
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    code, out, err = run_cli("info", tmp_path / "empty.safetensors")
+    assert code == 2 and out == "" and "empty.safetensors is empty (0 bytes)" in err, err
+
+
+def test_info_shows_lycoris_ranks(run_cli, tmp_path):
+    path = lora_files.module_file(tmp_path / "loha.safetensors", {
+        "hada_w1_a": torch.ones(32, 3), "hada_w1_b": torch.ones(3, 32), "hada_w2_a": torch.ones(32, 3),
+        "hada_w2_b": torch.ones(3, 32), "alpha": torch.tensor(1.5)})
+    code, out, err = run_cli("info", path, "--json")
+    assert code == 0, err
+    summary = strict_json(out)
+    assert summary["format"] == "LyCORIS LoHa" and summary["ranks"] == [3] and summary["alphas"] == [1.5]
+
+
+def test_lora_hash_takes_a_stored_hash_only_when_it_is_one(tmp_path, monkeypatch):
+    """kohya's sshs_model_hash (the addnet hash, all 64 digits) stands for the file; anything else in that header
+    entry would be written into images as its hash, so the file is hashed instead."""
+    from sdcli.hashing import lora_hash
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stored = ["0123456789abcdef" * 4, "ABCDEF012345", "not a hash: look here", "abc123", "0123456789abcdeg", ""]
+    for i, value in enumerate(stored):
+        path = lora_files.module_file(tmp_path / f"{i}.safetensors", lora_files.factors(seed=i),
+                                      metadata={"sshs_model_hash": value})
+        data = path.read_bytes()
+        addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+        assert lora_hash(path) == (value[:12] if i < 2 else addnet), value
 
 
 # --- mistakes: one line, exit 2, nothing written -----------------------------------------------------------
@@ -222,7 +290,8 @@ def test_info_describes_a_lora(loras, run_cli):
 def test_missing_lora_names_where_it_looked(sd1, loras, tmp_path):
     out = tmp_path / "out"
     line = assert_refused(run_sdcli("generate", "a <lora:nope:0.5>", "-m", sd1.folder, "--lora-dir",
-                                    loras["kohya"].parent, "-o", f"{out}/"), "LoRA 'nope' not found: looked for nope.safetensors in")
+                                    loras["kohya"].parent, "-o", f"{out}/"),
+                          "LoRA 'nope' not found: looked for nope.safetensors in")
     assert str(loras["kohya"].parent) in line and not out.exists()
     assert_refused(run_sdcli("generate", "a <lora:nope>", "-m", sd1.folder, "-o", f"{out}/"), "give --lora-dir DIR")
 
@@ -277,6 +346,83 @@ def test_damaged_and_pickle_loras(sd1, loras, tmp_path):
     torch.save({"x": torch.zeros(1)}, pickle)
     assert_refused(run_sdcli("generate", "a", "--lora", pickle, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "is a pickle checkpoint")
+    assert not (tmp_path / "o.png").exists()
+
+
+def _nan(shape) -> torch.Tensor:
+    x = torch.full(shape, 0.01)
+    x.view(-1)[1] = float("nan")
+    return x
+
+
+# a one-module LoRA whose merge would fail or make nonsense -> its module and what the refusal says
+BAD = {
+    "nan-factor": (lambda: {**lora_files.factors(), "lora_down.weight": _nan((4, 32))},
+                   "not finite numbers (NaN or infinity) in its down factor"),
+    "inf-alpha": (lambda: {**lora_files.factors(), "alpha": torch.tensor(float("inf"))}, "in its alpha"),
+    "integer-factor": (lambda: {**lora_files.factors(), "lora_up.weight": torch.ones(32, 4, dtype=torch.int8)},
+                       "int8 values in its up factor"),
+    "rank-0": (lambda: {"lora_down.weight": torch.zeros(0, 32), "lora_up.weight": torch.zeros(32, 0)},
+               "has rank 0: its down factor is [0, 32]"),
+    "huge-alpha": (lambda: {**lora_files.factors(), "alpha": torch.tensor(1e30)},
+                   "its alpha 1e+30 over rank 4 gives 2.5e+29, past 10000"),
+    "huge-scale": (lambda: {**lora_files.factors(), "scale": torch.tensor(1e30)}, "its .scale 1e+30, past 10000"),
+    "huge-factors": (lambda: {"lora_down.weight": torch.full((4, 32), 300.0), "lora_up.weight": torch.full(
+        (32, 4), 300.0)}, "changes weight values by up to 3.6e+05"),
+    "dora-shape": (lambda: {**lora_files.factors(), "dora_scale": torch.ones(5)}, "dora_scale is [5]"),
+    "dora-nan": (lambda: {**lora_files.factors(), "dora_scale": _nan((32,))}, "in its dora_scale"),
+    "dora-huge": (lambda: {**lora_files.factors(), "dora_scale": torch.full((32,), 1e20)}, "DoRA magnitudes"),
+    "lokr-nan": (lambda: {"lokr_w1": _nan((4, 4)), "lokr_w2": torch.ones(8, 8)}, "in its lokr_w1"),
+    "loha-halves": (lambda: {"hada_w1_a": torch.ones(32, 2), "hada_w1_b": torch.ones(2, 32),
+                             "hada_w2_a": torch.ones(32, 2), "hada_w2_b": torch.ones(2, 16)}, "two LoHa halves"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_lora_of_a_later_line_is_refused_before_any_image(sd1, run_cli, tmp_path, case):
+    """Every check that can fail is made before the model loads (and so before line 1's image is written):
+    sizes, rank, dtype, finite values, sane scales."""
+    tensors, message = BAD[case]
+    lora_files.module_file(tmp_path / "bad.safetensors", tensors())
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n{PROMPT} <lora:bad:0.8>\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("generate", "--from-file", tmp_path / "prompts.txt", "-m", sd1.folder,
+                                "--lora-dir", tmp_path, "-o", out / "{index}.png", *ARGS)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("sdcli: error: "), (code, err)
+    assert f"bad.safetensors: module {lora_files.Q} " in err and message in err, err
+    assert not out.exists()
+
+
+def test_a_merge_past_half_precision_is_refused_not_run(sd1, tmp_path):
+    """A strong LoRA that check passes (changes of 2000) at a multiplier that takes float16 weights past 65504:
+    refused when it is merged, where the weight's dtype and the multiplier are known."""
+    from sdcli.errors import ModelLoadError
+    from sdcli.loading import inspect_model
+    from sdcli.networks.lora import check, match, patch, read_lora, targets
+    from sdcli.networks.tags import LoraUse
+
+    path = lora_files.module_file(tmp_path / "strong.safetensors", {
+        "lora_down.weight": torch.full((4, 32), 0.5), "lora_up.weight": torch.full((32, 4), 0.5),
+        "alpha": torch.tensor(8000.0)})
+    checkpoint = inspect_model(sd1.folder)
+    model, variant = checkpoint.meta_model(), checkpoint.config.variant
+    lora = read_lora(path)
+    matched = match(lora, targets(model), variant)
+    check(lora, matched, model.state_dict(), variant)
+    key = matched[lora_files.Q]
+    w = torch.zeros(32, 32, dtype=torch.float16)
+    merged = patch(lora, LoraUse("strong", 1.0, 1.0), matched, {key: w})[key](w)
+    assert merged.dtype == torch.float16 and torch.equal(merged, torch.full((32, 32), 2000.0, dtype=torch.float16))
+    with pytest.raises(ModelLoadError, match=re.escape(f"strong.safetensors at weight 100 takes module "
+                                                       f"{lora_files.Q}'s weights past what float16 holds")):
+        patch(lora, LoraUse("strong", 100.0, 100.0), matched, {key: w})[key](w)
+
+
+def test_an_empty_lora_file_is_called_empty(sd1, run_cli, tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    code, out, err = run_cli("generate", "a", "--lora", tmp_path / "empty.safetensors", "-m", sd1.folder, "-o",
+                             tmp_path / "o.png")
+    assert code == 2 and err.count("\n") == 1 and "empty.safetensors is empty (0 bytes): not a LoRA" in err, err
     assert not (tmp_path / "o.png").exists()
 
 

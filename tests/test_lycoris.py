@@ -9,11 +9,14 @@ include its scaling alpha / r, ours are unscaled and come with the rank that alp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import lora_files
 from sdcli.errors import ModelLoadError
 from sdcli.networks import lycoris
 
@@ -71,6 +74,15 @@ def test_loha_matches_peft(name, r, effective, layout):
     delta, rank = lycoris.loha(t, weight.shape)
     assert rank == r and delta.shape == weight.shape
     torch.testing.assert_close(delta * (alpha / rank), layer.get_delta_weight("default").detach(), **TOL)
+    _sizes_and_bound_hold(t, delta)
+
+
+def _sizes_and_bound_hold(t: dict, delta: torch.Tensor) -> None:
+    """What lora.check tells from a module before making its delta: the delta's [rows, columns] from the shapes
+    alone, and an upper bound on its values (a bound far above them would refuse good files)."""
+    assert lycoris.delta_shape({k: v.shape for k, v in t.items()}) == (delta.shape[0], delta[0].numel())
+    largest = delta.abs().max().item()
+    assert largest <= lycoris.bound(t) * (1 + 1e-5) <= 500 * largest
 
 
 # --- LoKr against peft --------------------------------------------------------------------------------------
@@ -102,6 +114,7 @@ def test_lokr_matches_peft(name, r, options, layout):
     full = "lokr_w2" in t and "lokr_w1" in t
     assert rank == (None if full else r)
     torch.testing.assert_close(delta * (alpha / r), layer.get_delta_weight("default").detach(), **TOL)
+    _sizes_and_bound_hold(t, delta)
 
 
 # --- closed forms for what peft does not build --------------------------------------------------------------
@@ -401,3 +414,55 @@ def test_lycoris_files_render_like_diffusers_with_the_merged_weights(tiny, run_c
     got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.float64)
     err_px = np.abs(got - expected).max()
     assert err_px <= 2.0, f"max pixel error {err_px:.2f}/255 against diffusers with the merged weights"
+
+
+# --- sizes from the header alone, before anything is read (lora.check) --------------------------------------
+
+@pytest.fixture(scope="module")
+def meta(tiny):
+    """The tiny SD 1.x model on the meta device and its variant: what Loras.prepare checks files against."""
+    from sdcli.loading import inspect_model
+
+    checkpoint = inspect_model(tiny("sd1").folder)
+    return checkpoint.meta_model(), checkpoint.config.variant
+
+
+@pytest.mark.parametrize("module,shapes,message", [
+    # kron of two 256 x 256 factors: a 65536 x 65536 change (17 GB) from a 0.5 MB file, well within MAX_SLACK
+    (lora_files.Q, {"lokr_w1": (256, 256), "lokr_w2": (256, 256)},
+     "its LoKr factors make a 65536 x 65536 change, the weight is 32 x 32"),
+    (lora_files.Q, {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 16)},
+     "make a 32 x 64 change"),
+    (lora_files.Q, {"lokr_w1_a": (4, 2), "lokr_w1_b": (3, 4), "lokr_w2": (8, 8)},
+     "its lokr_w1_a [4, 2] and lokr_w1_b [3, 4] do not multiply"),
+    (lora_files.CONV, {"lokr_w1": (4, 4), "lokr_t2": (2, 2, 3, 3), "lokr_w2_a": (2, 8), "lokr_w2_b": (3, 8)},
+     "its lokr_t2 [2, 2, 3, 3], lokr_w2_a [2, 8] and lokr_w2_b [3, 8] do not fit together"),
+    (lora_files.Q, {"lokr_w1": (4, 4, 1), "lokr_w2": (8, 8)}, "its lokr_w1 is [4, 4, 1], not a matrix"),
+    (lora_files.Q, {"lokr_w1": (4, 4), "lokr_w2": (8, 8), "dora_scale": (5,)}, "dora_scale is [5]"),
+    # halves holding the weight's 1,024 values (A1111 would reshape them) in 16 rows, or unlike each other
+    (lora_files.Q, {"hada_w1_a": (16, 4), "hada_w1_b": (4, 64), "hada_w2_a": (16, 4), "hada_w2_b": (4, 64)},
+     "its LoHa factors make a 16 x 64 change, the weight is 32 x 32"),
+    (lora_files.Q, {"hada_w1_a": (32, 4), "hada_w1_b": (4, 32), "hada_w2_a": (32, 2), "hada_w2_b": (2, 16)},
+     "its two LoHa halves make [32, 32] and [32, 16] changes"),
+    (lora_files.CONV, {"hada_t1": (3, 3, 3, 3), "hada_w1_a": (3, 32), "hada_w1_b": (3, 32),
+                       "hada_t2": (3, 3, 1, 1), "hada_w2_a": (3, 32), "hada_w2_b": (3, 32)},
+     "its two LoHa halves make [32, 288] and [32, 32] changes"),
+])
+def test_lycoris_sizes_are_refused_from_the_header(meta, tmp_path, monkeypatch, module, shapes, message):
+    import safetensors
+
+    from sdcli.networks.lora import check, match, read_lora, targets
+
+    path = lora_files.module_file(tmp_path / "bad.safetensors", {k: torch.zeros(s) for k, s in shapes.items()},
+                                  module)
+    model, variant = meta
+    lora = read_lora(path)
+    matched = match(lora, targets(model), variant)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a tensor was read before the sizes were checked")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_reading)
+    with pytest.raises(ModelLoadError, match=re.escape(f"bad.safetensors: module {module} ")) as e:
+        check(lora, matched, model.state_dict(), variant)
+    assert message in str(e.value)

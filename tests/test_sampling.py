@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from hostile import Result, assert_refused, files
+from sdcli.config import NoiseSchedule
 from sdcli.engine import Engine, Sampling
-from sdcli.loading import load_model
-from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, DiscreteSigmas
+from sdcli.errors import SdcliError
+from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, DiscreteSigmas, max_steps
 from sdcli.sampling.samplers import _lms_coefficient
 from sdcli.tasks.txt2img import txt2img
-from sdcli.config import NoiseSchedule
 
 PROMPT, NEGATIVE, SEED, SIZE = "a photograph of an astronaut riding a horse", "blurry", 42, 64
 
@@ -38,19 +39,6 @@ CASES = {
     ("ddim", "ddim"): ("DDIMScheduler", {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}),
     ("pndm", "ddim"): ("PNDMScheduler", {"steps_offset": 1, "set_alpha_to_one": False, "skip_prk_steps": True}),
 }
-
-
-@pytest.fixture(scope="module")
-def setups(tiny):
-    from diffusers import StableDiffusionPipeline
-
-    out = {}
-    for kind in ("sd1", "sd2"):
-        tm = tiny(kind)
-        pipe = StableDiffusionPipeline.from_pretrained(tm.folder, safety_checker=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        out[kind] = pipe, Engine(load_model(tm.single_file), torch.device("cpu"))
-    return out
 
 
 def scheduler(name: str, extra: dict, prediction: str):
@@ -77,9 +65,9 @@ STEPS = {"sd1": 20, "sd2": 13}  # 13: under 15, where diffusers' DPM-Solver swit
 
 @pytest.mark.parametrize("kind,sampler,schedule", [
     (kind, *case) for kind in STEPS for case in CASES if (kind, case[0]) != ("sd2", "pndm")])  # pndm+v: below
-def test_matches_diffusers(setups, kind, sampler, schedule):
+def test_matches_diffusers(sd_pipelines, kind, sampler, schedule):
     steps = STEPS[kind]
-    pipe, engine = setups[kind]
+    pipe, engine = sd_pipelines[kind]
     assert engine.cfg.prediction == ("eps" if kind == "sd1" else "v")
     name, extra = CASES[sampler, schedule]
     pipe.scheduler = scheduler(name, extra, engine.cfg.prediction)
@@ -87,13 +75,13 @@ def test_matches_diffusers(setups, kind, sampler, schedule):
     assert err <= 2.0, f"{sampler}/{schedule} on {kind}: max pixel error {err:.2f}/255"
 
 
-def test_pndm_v_prediction(setups):
+def test_pndm_v_prediction(sd_pipelines):
     """PLMS extrapolates the predicted noise (CompVis's and A1111's PLMS convert each v output to noise
     first). diffusers' PNDMScheduler instead extrapolates the raw v outputs, which come from different
     timesteps, and converts the blend at the current one: a different method for v models, which on this
     tiny model differs by ~19/255. The reference here is diffusers' own PNDM stepping run on the noise
     that the v-UNet implies at each evaluation."""
-    pipe, engine = setups["sd2"]
+    pipe, engine = sd_pipelines["sd2"]
     pipe.scheduler = scheduler("PNDMScheduler", CASES["pndm", "ddim"][1], "eps")
     ac = pipe.scheduler.alphas_cumprod
     unet_forward = pipe.unet.forward
@@ -161,10 +149,10 @@ def test_euler_on_a_known_ode():
     assert math.isclose(float(SAMPLERS["euler"].fn(zero, x, sigmas)[0, 0, 0, 0]), 0.5, rel_tol=1e-6)
 
 
-def test_sizes_that_are_not_multiples_of_64(setups):
+def test_sizes_that_are_not_multiples_of_64(sd_pipelines):
     """Any multiple of 8 works: with 40x72 px the tiny UNet's skip connections are odd-sized (latent 5x9),
     which diffusers handles by upsampling to the skip's size; so must we."""
-    pipe, engine = setups["sd1"]
+    pipe, engine = sd_pipelines["sd1"]
     pipe.scheduler = scheduler(*CASES["euler", "normal"], "eps")
     ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.0, height=72, width=40,
                generator=torch.Generator().manual_seed(SEED), output_type="np").images[0] * 255
@@ -172,3 +160,67 @@ def test_sizes_that_are_not_multiples_of_64(setups):
                   negative_prompt=NEGATIVE)[0].numpy()
     assert got.shape == (72, 40, 3)
     assert np.abs(ref - got).max() <= 2.0
+
+
+@pytest.mark.parametrize("train_timesteps", [1000, 10])
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_long_schedules_never_repeat_a_level(schedule, train_timesteps):
+    """Up to max_steps (one training timestep a step for ddim and lcm), every level is below the last (bar
+    ddim's end at the smallest training sigma, the last is 0); past it, a one-line refusal naming the most.
+    Repeated levels made a zero step that dpm++2m divided by."""
+    table = DiscreteSigmas(NoiseSchedule(num_train_timesteps=train_timesteps))
+    most = max_steps(schedule, train_timesteps)
+    for steps in {min(most, 1500), most}:  # 1500: a hires pass's schedule, steps / strength long
+        sigmas = SCHEDULES[schedule](table, steps)
+        assert len(sigmas) == steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all()), steps
+        assert (sigmas[-1] == table.sigma_min) if schedule == "ddim" else (sigmas[-1] == 0 and sigmas[-2] > 0)
+    for steps in (most + 1, 50 * most):
+        with pytest.raises(SdcliError, match=f"more than the {most:,} ") as refused:
+            SCHEDULES[schedule](table, steps)
+        assert "\n" not in str(refused.value)
+
+
+def test_ddim_ends_where_diffusers_runs_out_of_timesteps():
+    """diffusers' DDIM (leading spacing, steps_offset 1) refuses more steps than training timesteps, and at
+    exactly that many its first timestep, 1000, is past its table: 999 is the most it runs, as sdcli's."""
+    from diffusers import DDIMScheduler
+
+    table, ref = DiscreteSigmas(NoiseSchedule()), scheduler("DDIMScheduler", CASES["ddim", "ddim"][1], "eps")
+    ref.set_timesteps(999)
+    assert torch.allclose(table.sigma_to_t(SCHEDULES["ddim"](table, 999)[:-1]), ref.timesteps.double())
+    ref.set_timesteps(1000)
+    assert int(ref.timesteps[0]) == len(ref.alphas_cumprod) and max_steps("ddim", 1000) == 999
+    with pytest.raises(ValueError):
+        DDIMScheduler().set_timesteps(1001)
+
+
+@pytest.fixture
+def on_tiny(tiny, monkeypatch, tmp_path):
+    """The tiny SD 1.x model as SDCLI_MODEL, run from an empty folder."""
+    monkeypatch.setenv("SDCLI_MODEL", str(tiny("sd1").single_file))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+FAST = ("a cat", "-W", "64", "-H", "64", "--cfg-scale", "1", "-o", "cat.png")
+HIRES = ("--steps", "1", "--hires-scale", "1", "--hires-steps")
+
+
+@pytest.mark.parametrize("args,most", [
+    (("--steps", "1000", "--schedule", "ddim", "--sampler", "dpm++2m"), "999"),
+    ((*HIRES, "600", "--hires-strength", "0.5", "--schedule", "ddim", "--sampler", "dpm++2m"), "999"),  # 1200
+    ((*HIRES, "4", "--hires-strength", "0.001", "--sampler", "lcm"), "1,000"),  # 4000
+    ((*HIRES, "2", "--hires-strength", "0.00001", "--sampler", "dpm++2m"), "100,000"),  # 200000 of karras
+])
+def test_too_long_a_schedule_is_refused(run_cli, on_tiny, args, most):
+    code, out, err = run_cli("generate", *FAST, *args)
+    line = assert_refused(Result(code, out.encode(), err, 0.0), f"more than the {most} ", folder=on_tiny)
+    assert "--steps" in line and "--hires-strength" in line  # the fix
+
+
+def test_a_hires_pass_over_a_long_schedule_runs(run_cli, on_tiny):
+    """2 steps at strength 0.0015: the last 2 of a 1334-step schedule, longer than the training timesteps
+    (the schedules' own test above checks every one's levels)."""
+    code, _, err = run_cli("generate", *FAST, *HIRES, "2", "--hires-strength", "0.0015", "--sampler", "dpm++2m")
+    assert code == 0, err
+    assert files(on_tiny) == {"cat.png"}

@@ -112,7 +112,7 @@ def random_model(**changes):
 
     from sdcli.models import StableDiffusion
 
-    unet = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True),
+    unet = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
                 cross_attention_only=(False, False), context_dim=64) | changes.pop("unet", {})
     cfg = ModelConfig(
         unet=UNetConfig(**unet), vae=VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1),
@@ -124,7 +124,7 @@ def random_model(**changes):
 
 
 X4 = dict(  # an x4-upscaler-like model: 7 input channels, noise-level classes, cross-only attn1, 4x VAE
-    unet=dict(in_channels=7, attention_levels=(False, True), cross_attention_only=(False, True),
+    unet=dict(in_channels=7, transformer_depth=(0, 1), cross_attention_only=(False, True),
               use_linear_projection=True, num_classes=1000),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1),
     text=TextEncoderConfig(width=64, layers=1, heads=1, mlp_width=128, activation="gelu", pad_token="!"),

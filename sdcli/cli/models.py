@@ -19,8 +19,9 @@ def info(
     prediction: PredictionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
-    """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only),
-    or the generation parameters stored in a PNG."""
+    """Show a model's format, variant, prediction type, parameter counts and dtypes (reads headers only), a
+    LoRA's format, targets, ranks and alphas, an embedding's vectors, or the generation parameters stored in a
+    PNG."""
     from sdcli.fileio import write_stdout
 
     if _is_png(model):
@@ -36,12 +37,27 @@ def info(
         if vae or prediction:
             raise SdcliError("--vae and --prediction apply to models, not to LoRAs")
         summary = lora.summary()
-        write_stdout((json.dumps(summary) if as_json else _describe_lora(summary)) + "\n")
+        write_stdout((_json(summary) if as_json else _describe_lora(summary)) + "\n")
+        return
+    if embedding := _embedding(model):
+        if vae or prediction:
+            raise SdcliError("--vae and --prediction apply to models, not to embeddings")
+        write_stdout((_json(embedding) if as_json else _describe_embedding(embedding)) + "\n")
         return
     from sdcli.loading import inspect_model
 
     summary = inspect_model(model, vae=vae, prediction=prediction.value if prediction else None).summary()
-    write_stdout((json.dumps(summary) if as_json else _describe(summary)) + "\n")
+    write_stdout((_json(summary) if as_json else _describe(summary)) + "\n")
+
+
+def _json(summary: dict) -> str:
+    """One JSON object; a number JSON cannot hold (NaN, infinity: from a damaged file) is an error, not output
+    that JSON readers refuse."""
+    try:
+        return json.dumps(summary, allow_nan=False)
+    except ValueError:
+        raise SdcliError(f"{printable(summary['path'])}: what it describes holds a number that is not finite (NaN "
+                         "or infinity), which JSON cannot hold: the file is damaged") from None
 
 
 def _lora_file(path: str):
@@ -53,6 +69,9 @@ def _lora_file(path: str):
     try:
         if file.suffix.lower() != ".safetensors" or not file.is_file():
             return None
+        if file.stat().st_size == 0:
+            raise SdcliError(f"{printable(path)} is empty (0 bytes): not a model, LoRA or embedding; download it "
+                             "again")
     except OSError:  # a name too long, ...: inspect_model says so
         return None
     keys = open_safetensors(file)
@@ -60,6 +79,31 @@ def _lora_file(path: str):
             k.startswith(("lora_", "unet.", "text_encoder.")) for k in keys):
         return None
     return read_lora(file)
+
+
+def _embedding(path: str) -> dict | None:
+    """What `sdcli info` shows of a textual-inversion embedding, or None when the file is not one that
+    embeddings.read_embedding reads (a model, or a damaged file: inspect_model says what it is)."""
+    from sdcli.errors import ModelLoadError
+    from sdcli.networks.embeddings import SUFFIXES, read_embedding
+    from sdcli.networks.lora import FAMILIES
+
+    file = Path(path)
+    try:
+        if file.suffix.lower() not in SUFFIXES or not file.is_file():
+            return None
+        vectors = read_embedding(file)  # bounded: its size is checked first, pickles read as tensors only
+    except (OSError, ModelLoadError):
+        return None
+    count, width = vectors.shape
+    return {"path": str(file), "kind": "embedding", "vectors": count, "width": width, "family": FAMILIES.get(width)}
+
+
+def _describe_embedding(summary: dict) -> str:
+    rows = [("kind", "textual-inversion embedding"),
+            ("vectors", f"{summary['vectors']} (of the 75 tokens a prompt chunk holds)"),
+            ("width", str(summary["width"])), ("made for", summary["family"] or "unknown")]
+    return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
 
 
 def _describe_lora(summary: dict) -> str:
@@ -90,7 +134,8 @@ def _describe(summary: dict) -> str:
     if summary["vae_file"]:
         rows.append(("vae file", summary["vae_file"]))
     for name, comp in summary["components"].items():
-        rows.append((name.replace("_", " "), f"{comp['parameters'] / 1e6:,.2f}M parameters, {'/'.join(comp['dtypes'])}"))
+        rows.append((name.replace("_", " "),
+                     f"{comp['parameters'] / 1e6:,.2f}M parameters, {'/'.join(comp['dtypes'])}"))
     rows += [("note", note) for note in summary["notes"]]
     return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
 

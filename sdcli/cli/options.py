@@ -66,6 +66,13 @@ BatchSizeOpt = Annotated[Optional[int], typer.Option(
 ClipSkipOpt = Annotated[Optional[int], typer.Option(
     "--clip-skip", help="2 conditions on the text encoder's penultimate layer (A1111's Clip skip). [default: 1]",
     show_default=False)]
+OriginalSizeOpt = Annotated[Optional[str], typer.Option(
+    "--original-size", metavar="WxH", show_default=False,
+    help="SDXL's size conditioning: the size the image is said to have had before cropping. [default: the size "
+         "rendered]")]
+CropCoordsOpt = Annotated[Optional[str], typer.Option(
+    "--crop-coords", metavar="TOP,LEFT", show_default=False,
+    help="SDXL's size conditioning: where the image is said to have been cropped from. [default: 0,0]")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", metavar="PATH", show_default=False,
     help="A .safetensors checkpoint or a diffusers model folder. [default: a preset's or --from-image's model, "

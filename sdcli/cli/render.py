@@ -8,7 +8,7 @@ import typer
 
 from sdcli.cli.options import (BatchSizeOpt, CfgOpt, ClipSkipOpt, DeviceOpt, EmbeddingsDirOpt, HeightOpt, ImageOpt,
                                JsonOpt, LoraDirOpt, LoraOpt, ModelOpt, NegativeOpt, NImagesOpt, OutputOpt,
-                               OverwriteOpt, PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, ResizeOpt,
+                               OriginalSizeOpt, CropCoordsOpt, OverwriteOpt, PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, ResizeOpt,
                                SamplerOpt, ScheduleOpt, SeedOpt, StepsOpt, StrengthOpt, TileOpt, TileOverlapOpt, VaeOpt,
                                VaeTilingOpt, WidthOpt, shared_options)
 
@@ -26,6 +26,8 @@ def _render_options(
     n_images: NImagesOpt = None,
     batch_size: BatchSizeOpt = None,
     clip_skip: ClipSkipOpt = None,
+    original_size: OriginalSizeOpt = None,
+    crop_coords: CropCoordsOpt = None,
     lora: LoraOpt = None,
     lora_dir: LoraDirOpt = None,
     embeddings_dir: EmbeddingsDirOpt = None,
@@ -56,7 +58,7 @@ def _render_options(
 
 render_command = shared_options(_render_options, leading=("prompt",))
 _FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height",
-              "n_images", "batch_size", "clip_skip", "output", "lora")
+              "n_images", "batch_size", "clip_skip", "output", "lora", "original_size", "crop_coords")
 
 
 def _render(task: str, o: dict, images: list[str] | None = None, **task_flags) -> None:

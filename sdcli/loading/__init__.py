@@ -47,7 +47,7 @@ def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction
     """Open a model, detect its architecture and check every tensor, without reading the weights."""
     ckpt = open_checkpoint(path, vae, prediction)
     ckpt.check()
-    ckpt.tokenizer  # noqa: B018  (read and checked now, so that `info` reports a bad one)
+    ckpt.tokenizer, ckpt.tokenizer_2  # noqa: B018  (read and checked now, so that `info` reports a bad one)
     return ckpt
 
 

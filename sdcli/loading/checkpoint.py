@@ -23,12 +23,13 @@ class Checkpoint:
     config: ModelConfig
     parts: dict[str, Part]  # "unet", "vae", "text_encoder"
     prediction_source: str
-    tokenizer_dir: Path | None = None
+    tokenizer_dir: Path | None = None  # a folder's own tokenizer/ (None: the built-in one)
     vae_path: Path | None = None
     # what the files do not say and sdcli assumed, one line each (a diffusers folder's missing scheduler config):
     # `sdcli info` shows them, generate prints them
     notes: tuple[str, ...] = ()
     checked: bool = field(default=False, repr=False)  # the strict comparison passed (inspect, then load)
+    tokenizer_2_dir: Path | None = None  # SDXL base's second encoder's (tokenizer_2/)
 
     def meta_model(self):
         """The model the config describes, on the meta device (no memory)."""
@@ -53,22 +54,12 @@ class Checkpoint:
     @functools.cached_property
     def tokenizer(self):
         """The folder's own tokenizer or the built-in CLIP one, checked against the text encoder."""
-        from sdcli.models.text import clip_tokenizer, folder_tokenizer
+        return _tokenizer(self.tokenizer_dir, self.config.text)
 
-        if not self.tokenizer_dir:
-            tokenizer, source = clip_tokenizer(self.config.text.pad_token), "the built-in CLIP tokenizer"
-        else:
-            source = str(self.tokenizer_dir)
-            try:
-                tokenizer = folder_tokenizer(self.tokenizer_dir)
-            except Exception as e:  # transformers and tokenizers raise many types for damaged files
-                raise ModelLoadError(f"{source} cannot be read: {type(e).__name__}: {e}"[:300]) from None
-        if len(tokenizer) != self.config.text.vocab_size:
-            raise ModelLoadError(
-                f"{source} has {len(tokenizer)} tokens but the text encoder has {self.config.text.vocab_size}: "
-                "the tokenizer is incomplete or belongs to another model"
-            )
-        return tokenizer
+    @functools.cached_property
+    def tokenizer_2(self):
+        """SDXL base's second encoder's tokenizer (bigG's pads with "!"), or None."""
+        return None if self.config.text_2 is None else _tokenizer(self.tokenizer_2_dir, self.config.text_2)
 
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, patch: Patch | None = None):
         """The model, every part checked before any is read; `patch` (keyed by the model's state-dict names)
@@ -82,8 +73,9 @@ class Checkpoint:
             own = {k.removeprefix(prefix): v for k, v in (patch or {}).items() if k.startswith(prefix)}
             load_component(model.component(name), part, device, dtype, variant=self.config.variant, what=name,
                            checked=True, patch=own)
-        model.text_encoder.reset_position_ids()
-        model.tokenizer = self.tokenizer
+        for encoder, _ in model.text_encoders:
+            encoder.reset_position_ids()
+        model.tokenizer, model.tokenizer_2 = self.tokenizer, self.tokenizer_2
         return model.eval().requires_grad_(False)
 
     def summary(self) -> dict:
@@ -113,3 +105,23 @@ class Checkpoint:
                 for name, p in self.parts.items()
             },
         }
+
+
+def _tokenizer(folder: Path | None, text):
+    """A folder's own tokenizer or the built-in CLIP one (padding as `text` says), checked against the encoder."""
+    from sdcli.models.text import clip_tokenizer, folder_tokenizer
+
+    if not folder:
+        tokenizer, source = clip_tokenizer(text.pad_token), "the built-in CLIP tokenizer"
+    else:
+        source = str(folder)
+        try:
+            tokenizer = folder_tokenizer(folder)
+        except Exception as e:  # transformers and tokenizers raise many types for damaged files
+            raise ModelLoadError(f"{source} cannot be read: {type(e).__name__}: {e}"[:300]) from None
+    if len(tokenizer) != text.vocab_size:
+        raise ModelLoadError(
+            f"{source} has {len(tokenizer)} tokens but the text encoder has {text.vocab_size}: "
+            "the tokenizer is incomplete or belongs to another model"
+        )
+    return tokenizer

@@ -38,28 +38,32 @@ def unet_from_shapes(s: Shapes) -> UNetConfig:
         for b, w, att in zip(first, widths, attention, strict=True)
     )
     num_classes = s["label_emb.weight"][0] if "label_emb.weight" in s else 0
+    adm_in_channels = s["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in s else 0
+    depth = tuple(_count(s, f"input_blocks.{b}.1.transformer_blocks.{{n}}") if att else 0
+                  for b, att in zip(first, attention, strict=True))
     use_linear = len(s[mid + "proj_in.weight"]) == 2
     # Heads are not in the shapes. SD 2.x (linear projections) uses 64-wide heads; SD 1.x and the
     # x4 upscaler use 8 heads.
     head_dim = 64 if use_linear and not num_classes else 0
     attended = [w for w, att in zip(widths, attention, strict=True) if att] + [widths[-1]]  # + the middle block
     if head_dim and any(w % head_dim for w in attended):
-        raise Unsupported(f"the UNet's widths {widths} do not fit SD 2.x's {head_dim}-wide attention heads (its "
-                          "linear projections say SD 2.x): not a checkpoint sdcli can load")
+        raise Unsupported(f"the UNet's widths {widths} do not fit the {head_dim}-wide attention heads that its "
+                          "linear projections say (SD 2.x, SDXL): not a checkpoint sdcli can load")
     return UNetConfig(
         in_channels=s["input_blocks.0.0.weight"][1],
         out_channels=s["out.2.weight"][0],
         model_channels=mc,
         channel_mult=tuple(w // mc for w in widths),
         num_res_blocks=L,
-        attention_levels=attention,
+        transformer_depth=depth,
+        middle_depth=_count(s, mid + "transformer_blocks.{n}"),
         num_heads=8,
         head_dim=head_dim,
-        transformer_depth=_count(s, mid + "transformer_blocks.{n}"),
         context_dim=context_dim,
         use_linear_projection=use_linear,
         cross_attention_only=cross_only,
         num_classes=num_classes,
+        adm_in_channels=adm_in_channels,
     )
 
 
@@ -126,9 +130,12 @@ def _unsupported(source: str, what: str) -> ModelLoadError:
 def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
     """A UNet2DConditionModel config (read from `source`, named in errors): every value checked first."""
     s = Settings(c, source)
-    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+    for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
         if c.get(key) is not None:
             raise _unsupported(source, f"UNet option {key}={shown(c[key])}")
+    adm = 0  # SDXL's added conditioning: the pooled text vector and the size embeddings, one vector
+    if s.get("addition_embed_type", text("text_time"), None, null=True):
+        adm = s.get("projection_class_embeddings_input_dim", field_of(UNetConfig, "adm_in_channels"))
     widths = s.levels("block_out_channels", field_of(UNetConfig, "model_channels"))
     n, mc = len(widths), widths[0]
     groups = s.get("norm_num_groups", integer(1, MAX_WIDTH), 32, null=True)
@@ -138,17 +145,21 @@ def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
     # diffusers' "attention_head_dim" is historically the number of heads
     heads_key = "num_attention_heads" if c.get("num_attention_heads") is not None else "attention_head_dim"
     heads = s.levels(heads_key, field_of(UNetConfig, "num_heads"), (8,) * n, count=n, scalar=True)
-    dims = {w // h for w, h, a in zip(widths, heads, attention, strict=True) if a}
+    # + the middle block's, which diffusers gives the last level's heads (with or without attention there)
+    dims = {w // h for w, h, a in zip(widths, heads, attention, strict=True) if a} | {widths[-1] // heads[-1]}
     if len(set(heads)) == 1:
         num_heads, head_dim = heads[0], 0
     elif len(dims) == 1:
         num_heads, head_dim = 8, dims.pop()
     else:
         raise _unsupported(source, f"attention heads {list(heads)}")
-    depth = s.levels("transformer_layers_per_block", field_of(UNetConfig, "transformer_depth"), (1,) * n, count=n,
+    depth = s.levels("transformer_layers_per_block", field_of(UNetConfig, "middle_depth"), (1,) * n, count=n,
                      scalar=True, null=True)
-    if len(set(depth)) != 1:
-        raise _unsupported(source, f"transformer_layers_per_block={list(depth)}")
+    # the up blocks mirror the down blocks' depths unless the config says otherwise
+    up = s.levels("reverse_transformer_layers_per_block", field_of(UNetConfig, "middle_depth"), depth[::-1],
+                  count=n, scalar=True, null=True)
+    if list(up) != list(depth[::-1]):
+        raise _unsupported(source, f"reverse_transformer_layers_per_block={list(up)}")
     cross_only = s.levels("only_cross_attention", FLAG, (False,) * n, count=n, scalar=True, null=True)
     return UNetConfig(
         in_channels=s.get("in_channels", field_of(UNetConfig, "in_channels")),
@@ -156,14 +167,15 @@ def unet_from_diffusers(c: dict, source: str) -> UNetConfig:
         model_channels=mc,
         channel_mult=tuple(w // mc for w in widths),
         num_res_blocks=s.get("layers_per_block", field_of(UNetConfig, "num_res_blocks")),
-        attention_levels=attention,
+        transformer_depth=tuple(d if a else 0 for d, a in zip(depth, attention, strict=True)),
+        middle_depth=depth[-1],
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=depth[0],
         context_dim=s.get("cross_attention_dim", field_of(UNetConfig, "context_dim")),
         use_linear_projection=s.get("use_linear_projection", FLAG, False, null=True),
         cross_attention_only=tuple(x and a for x, a in zip(cross_only, attention, strict=True)),
         num_classes=s.get("num_class_embeds", field_of(UNetConfig, "num_classes"), 0, null=True),
+        adm_in_channels=adm,
     )
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 from sdcli import families
 from sdcli.architecture import ConfigError
 from sdcli.batch import MAX_SIZE
-from sdcli.config import ModelConfig, NoiseSchedule
+from sdcli.config import ModelConfig, NoiseSchedule, TextEncoderConfig
 from sdcli.errors import ModelLoadError, printable
 from sdcli.loading.checkpoint import PREDICTIONS, Checkpoint
 from sdcli.loading.component import Part
@@ -19,7 +19,7 @@ from sdcli.loading.detect import (
 )
 from sdcli.loading.files import MAX_TENSORS, PICKLE_SUFFIXES, open_safetensors, pickle_error, read_json
 from sdcli.loading.keymaps import Layout, State, rename_layout, unet_diffusers_name, vae_diffusers_name
-from sdcli.loading.settings import Settings, integer, number, text
+from sdcli.loading.settings import Settings, field_of, integer, number, text
 from sdcli.loading.single_file import IGNORED
 
 
@@ -33,15 +33,19 @@ def read_folder(path: Path, prediction_given: bool = False) -> Checkpoint:
         else:
             hint = "no model_index.json; pass a .safetensors file or a diffusers model folder"
         raise ModelLoadError(f"{path} is a folder but not a diffusers model: {hint}")
-    configs = {name: path / name / "config.json" for name in ("unet", "vae", "text_encoder")}
-    unet_json, vae_json, text_json = (read_json(configs[n]) for n in ("unet", "vae", "text_encoder"))
+    lineage = _lineage(path)
+    base = families.BASES[lineage]
+    folders = [f for _, _, f in base.encoders]  # each text encoder's folder
+    configs = {name: path / name / "config.json" for name in ("unet", "vae", *folders)}
+    unet_json, vae_json = read_json(configs["unet"]), read_json(configs["vae"])
     scheduler = path / SCHEDULER
     sched = read_json(scheduler) if scheduler.is_file() else None
-    base = families.BASES[families.lineage_of_activation(text_json.get("hidden_act"))]  # OpenCLIP uses gelu
+    texts = [_text_config(read_json(configs[f]), configs[f], reference)
+             for f, reference in zip(folders, base.texts, strict=True)]
     cfg = ModelConfig(
         unet=from_config(unet_from_diffusers, unet_json, configs["unet"]),
         vae=from_config(vae_from_diffusers, vae_json, configs["vae"]),
-        text=from_config(text_from_diffusers, text_json, configs["text_encoder"], base.text.pad_token),
+        text=texts[0], text_2=texts[1] if len(texts) > 1 else None,
         family=base.lineage,
         latent_scale=float(Settings(vae_json, configs["vae"]).get("scaling_factor", number(0), base.latent_scale)),
         schedule=from_config(schedule_from_diffusers, sched or {}, scheduler),
@@ -68,21 +72,63 @@ def read_folder(path: Path, prediction_given: bool = False) -> Checkpoint:
 
     unet_t, unet_src, unet_files = component_weights(path / "unet", "diffusion_pytorch_model")
     vae_t, vae_src, vae_files = component_weights(path / "vae", "diffusion_pytorch_model")
-    text_t, text_src, text_files = component_weights(path / "text_encoder", "model")
-    text_t = {k: v for k, v in text_t.items() if not IGNORED.search(k)}
-    # transformers 4 saved `text_model.` keys, transformers 5 saves them without it
-    text_prefix = "text_model." if any(k.startswith("text_model.") for k in text_t) else ""
     parts = {
         "unet": Part(unet_t, unet_src, diffusers_layout(unet_diffusers_name, cfg.unet), unet_files),
         "vae": Part(vae_t, vae_src, diffusers_layout(vae_diffusers_name, cfg.vae), vae_files),
-        "text_encoder": Part(
-            text_t, text_src,
-            lambda keys: rename_layout(keys, lambda k: text_prefix + k.removeprefix("transformer.text_model.")),
-            text_files,
-        ),
     }
-    return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, _tokenizer_dir(path),
-                      notes=tuple(n for n in notes if n))
+    for name, _, folder in base.encoders:
+        parts[name] = _text_part(path / folder)
+    tokenizers = [_tokenizer_dir(path, f.replace("text_encoder", "tokenizer")) for f in folders]
+    return Checkpoint(path, "diffusers", replace(cfg, prediction=prediction), parts, why, tokenizers[0],
+                      notes=tuple(n for n in notes if n), tokenizer_2_dir=tokenizers[1] if len(folders) > 1 else None)
+
+
+def _lineage(path: Path) -> str:
+    """SDXL folders have text_encoder_2/ (the refiner only that one); SD 1.x and 2.x are told apart by their text
+    encoder's activation (OpenCLIP's gelu)."""
+    if (path / "text_encoder_2" / "config.json").is_file():
+        return "sdxl" if (path / "text_encoder" / "config.json").is_file() else "sdxl-refiner"
+    text_json = read_json(path / "text_encoder" / "config.json")
+    return families.lineage_of_activation(text_json.get("hidden_act"))
+
+
+def _text_config(values: dict, config_file: Path, reference: TextEncoderConfig) -> TextEncoderConfig:
+    """A text encoder's config: what its config.json says, and how the family uses it (`reference`: its pad token,
+    its layer and final norm, SDXL's bigG its projection)."""
+    text_cfg = from_config(text_from_diffusers, values, config_file, reference.pad_token)
+    if reference.final_norm:  # SD 1.x, and SD 2.x, whose folders drop the layer it skips
+        return text_cfg
+    # SDXL: every layer is in the folder, the penultimate taken without the final norm
+    text_cfg = replace(text_cfg, skip_last_layers=reference.skip_last_layers, final_norm=False)
+    if reference.projection_dim:  # bigG: the pooled vector is projected
+        kind = field_of(TextEncoderConfig, "projection_dim")
+        text_cfg = replace(text_cfg, projection_dim=Settings(values, config_file).get("projection_dim", kind))
+    return text_cfg
+
+
+def _text_part(folder: Path) -> Part:
+    """A text encoder folder's weights; transformers 4 saved `text_model.` keys, transformers 5 saves them without
+    it. A projection is stored as a Linear [projection, width]: ours is OpenCLIP's [width, projection]."""
+    tensors, src, files = component_weights(folder, "model")
+    tensors = {k: v for k, v in tensors.items() if not IGNORED.search(k)}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in tensors) else ""
+    return Part(tensors, src, lambda keys: _text_layout(keys, prefix), files)
+
+
+def _text_layout(our_keys, prefix: str) -> Layout:
+    plain = rename_layout([k for k in our_keys if k != "text_projection"],
+                          lambda k: prefix + k.removeprefix("transformer.text_model."))
+
+    def to_file(state: State) -> State:
+        out = plain.to_file({k: v for k, v in state.items() if k != "text_projection"})
+        return out | ({"text_projection.weight": state["text_projection"].T} if "text_projection" in state else {})
+
+    def from_file(state: State) -> State:
+        out = plain.from_file({k: v for k, v in state.items() if k != "text_projection.weight"})
+        return out | ({"text_projection": state["text_projection.weight"].T} if "text_projection.weight" in state
+                      else {})
+
+    return Layout(to_file, from_file)
 
 
 SCHEDULER = "scheduler/scheduler_config.json"
@@ -176,9 +222,9 @@ def _trained_size(unet: Settings, factor: int) -> int | None:
     return max(8, size * factor) if size else None
 
 
-def _tokenizer_dir(path: Path) -> Path | None:
-    """The folder's own tokenizer/, if it has one; it must be complete."""
-    folder = path / "tokenizer"
+def _tokenizer_dir(path: Path, name: str = "tokenizer") -> Path | None:
+    """The folder's own tokenizer/ (SDXL's second: tokenizer_2/), if it has one; it must be complete."""
+    folder = path / name
     if not folder.is_dir():
         return None
     if not ((folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()

@@ -65,6 +65,9 @@ def unet_diffusers_blocks(cfg: UNetConfig) -> dict[str, str]:
         "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
         "middle_block.2.": "mid_block.resnets.1.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
     }
+    if cfg.adm_in_channels:  # SDXL's added conditioning MLP, not the x4 upscaler's class embedding
+        del blocks["label_emb."]
+        blocks |= {"label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
     for i in range(n):
         for j in range(L):
             blocks[f"input_blocks.{i * (L + 1) + j + 1}.0."] = f"down_blocks.{i}.resnets.{j}."

@@ -118,12 +118,14 @@ def unet_config(cfg: ModelConfig) -> dict:
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": _heads(u),  # diffusers' historical name for the number of heads
         "num_attention_heads": None,  # diffusers refuses this option
-        "transformer_layers_per_block": u.transformer_depth,
+        # diffusers' middle block is as deep as the last level: levels without attention say the middle's depth
+        "transformer_layers_per_block": [d or u.middle_depth for d in u.transformer_depth],
         "cross_attention_dim": u.context_dim,
         "use_linear_projection": u.use_linear_projection,
         "only_cross_attention": cross_only if any(cross_only) else False,
         "mid_block_only_cross_attention": False,  # our middle transformer always self-attends
         "num_class_embeds": u.num_classes or None,
+        **_added_conditioning(cfg),
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
         "act_fn": "silu",
@@ -229,6 +231,15 @@ def _betas(schedule: NoiseSchedule) -> dict:
         "num_train_timesteps": schedule.num_train_timesteps,
         "trained_betas": None,
     }
+
+
+def _added_conditioning(cfg: ModelConfig) -> dict:
+    """SDXL's "text_time" added conditioning: the pooled vector's width and each size number's."""
+    u = cfg.unet
+    if not u.adm_in_channels:
+        return {}
+    return {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": u.adm_in_channels,
+            "addition_time_embed_dim": cfg.added_width, "addition_embed_type_num_heads": 64}
 
 
 def _widths(u: UNetConfig) -> list[int]:

@@ -37,9 +37,10 @@ class TextEncoder(nn.Module):
         # transformers 5 dropped the `text_model` level; keep it so the state-dict keys are the checkpoint's.
         self.transformer = nn.Module()
         self.transformer.text_model = CLIPTextModel(clip_cfg)
-        if cfg.projection_dim:  # unused for conditioning; kept so OpenCLIP single files round-trip
+        if cfg.projection_dim:  # OpenCLIP's orientation, x @ P: SDXL's pooled vector; SD 2.x's only round-trips
             self.register_buffer("text_projection", torch.empty(cfg.width, cfg.projection_dim))
-            self.register_buffer("logit_scale", torch.empty(()))
+            if cfg.layout == "openclip":  # never used: kept so OpenCLIP single files round-trip
+                self.register_buffer("logit_scale", torch.empty(()))
 
     def reset_position_ids(self) -> None:
         """Recreate the non-persistent position ids (they stay on the meta device after a meta build)."""
@@ -47,16 +48,17 @@ class TextEncoder(nn.Module):
         emb.position_ids = torch.arange(self.cfg.max_positions, device=emb.token_embedding.weight.device)[None]
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1,
-                fixes: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Token ids [B, T] -> hidden states [B, T, width].
+                fixes: list[tuple[int, int, torch.Tensor]] | None = None, pooled: bool = False):
+        """Token ids [B, T] -> hidden states [B, T, width], and with `pooled` also [B, projection_dim]: the
+        projected end-of-text embedding of the last layer (SDXL's pooled vector).
 
         clip_skip=1 is the model's own conditioning layer; 2 takes the layer before it (A1111's
-        "Clip skip"), always followed by the final layer norm. `fixes`: (row, position, vectors [n, width])
-        that replace the token embeddings of positions position..position+n-1 of that row (textual-inversion
-        embeddings, as A1111's EmbeddingsWithFixes), for this call only.
+        "Clip skip"), followed by the final layer norm where the config says. `fixes`: (row, position, vectors
+        [n, width]) that replace the token embeddings of positions position..position+n-1 of that row
+        (textual-inversion embeddings, as A1111's EmbeddingsWithFixes), for this call only.
         """
         if not fixes:
-            return self._encode(ids, clip_skip)
+            return self._encode(ids, clip_skip, pooled)
 
         def put(module, args, out):  # out: [B, T, width], the token embeddings
             out = out.clone()
@@ -66,17 +68,24 @@ class TextEncoder(nn.Module):
 
         hook = self.transformer.text_model.embeddings.token_embedding.register_forward_hook(put)
         try:
-            return self._encode(ids, clip_skip)
+            return self._encode(ids, clip_skip, pooled)
         finally:
             hook.remove()
 
-    def _encode(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    def _encode(self, ids: torch.Tensor, clip_skip: int, pooled: bool):
         model = self.transformer.text_model
         skip = self.cfg.skip_last_layers + clip_skip - 1
-        if skip == 0:
-            return model(ids).last_hidden_state
-        hidden = model(ids, output_hidden_states=True).hidden_states[-1 - skip]
-        return model.final_layer_norm(hidden)
+        out = model(ids, output_hidden_states=skip > 0)
+        hidden = out.last_hidden_state
+        if skip:
+            hidden = out.hidden_states[-1 - skip]
+            hidden = model.final_layer_norm(hidden) if self.cfg.final_norm else hidden
+        if not pooled:
+            return hidden
+        # the end-of-text token's position: the first EOS (padding may be EOS too, or "!")
+        eos = (ids == EOS).int().argmax(dim=-1)
+        last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos]  # [B, width]
+        return hidden, last @ self.text_projection.to(last.dtype)
 
 
 def clip_bpe_file() -> Path:

@@ -132,14 +132,17 @@ class UNetModel(nn.Module):
         def transformer(ch: int, level: int | None) -> SpatialTransformer:
             heads, head_dim = cfg.heads(ch)
             cross_only = level is not None and cfg.cross_attention_only[level]
+            depth = cfg.middle_depth if level is None else cfg.transformer_depth[level]
             return SpatialTransformer(
-                ch, heads, head_dim, cfg.transformer_depth, cfg.context_dim,
-                cfg.use_linear_projection, cross_only, cfg.dropout,
+                ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_projection, cross_only, cfg.dropout,
             )
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.num_classes:
+        if cfg.num_classes:  # the x4 upscaler's noise level
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        elif cfg.adm_in_channels:  # SDXL's pooled text and size embeddings ("label_emb.0.0", "label_emb.0.2")
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels, ch = [mc], mc
@@ -174,21 +177,25 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, class_labels: torch.Tensor | None = None,
-        *, control: Residuals | None = None, cache: StageCache | None = None,
+        *, y: torch.Tensor | None = None, control: Residuals | None = None, cache: StageCache | None = None,
     ) -> torch.Tensor:
         """x [B, in_channels, h, w], timesteps [B], context [B, T, context_dim] -> [B, out_channels, h, w].
+        `class_labels` [B] (x4 upscaler) or `y` [B, adm_in_channels] (SDXL) add to the time embedding.
         The stages below, in order; `control` adds a ControlNet's residuals, `cache` may replay blocks."""
-        emb = self.embed(timesteps, class_labels, x.dtype)
+        emb = self.embed(timesteps, class_labels if y is None else y, x.dtype)
         h, skips = self.encode(x, emb, context, control, cache)
         h = self.middle(h, emb, context, control, cache)
         h = self.decode(h, skips, emb, context, cache)
         return self.out(h)
 
-    def embed(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Time (and class-label) embedding: timesteps [B] -> [B, time_embed_dim]."""
+    def embed(self, timesteps: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Time embedding, plus the class labels' [B] or added conditioning's [B, adm_in_channels]:
+        timesteps [B] -> [B, time_embed_dim]."""
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
-        if self.cfg.num_classes:
-            emb = emb + self.label_emb(class_labels)
+        if self.cfg.num_classes or self.cfg.adm_in_channels:
+            if labels is None:
+                raise ValueError("this UNet needs its class labels or added conditioning (y)")
+            emb = emb + self.label_emb(labels if self.cfg.num_classes else labels.to(dtype))
         return emb
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, control: Residuals | None = None,

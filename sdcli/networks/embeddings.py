@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from sdcli.errors import ModelLoadError, SdcliError, printable, shown
-from sdcli.networks.library import MAX_ENTRIES  # folder entries looked at, subfolders included
+from sdcli.networks.library import walk
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,6 @@ SUFFIXES = (".safetensors", ".pt", ".bin")  # the preferred file first, when one
 MAX_FILE_BYTES = 64 << 20  # released embeddings: 4 kB (1 vector) to 300 kB (75 vectors of 1024)
 MAX_VECTORS = 75  # what one prompt chunk holds; A1111 breaks on more
 MAX_TENSORS = 16  # an embedding holds one (two for SDXL)
-MAX_DEPTH = 16  # subfolder levels
 COMFY_PREFIX = "embedding:"
 
 _PIECE = re.compile(r"\w+|[^\w\s]")  # words, and punctuation one character at a time: where a name may start
@@ -191,51 +190,14 @@ def _first_match(text: str, at: int, candidates: list[str]) -> str | None:
 
 def list_embedding_files(dirs: list[Path]) -> list[Path]:
     """Files with an embedding suffix, folder by folder, each folder's own files before its subfolders', names
-    sorted, the preferred suffix first. Symlinked folders are followed once (a loop is not a hang)."""
-    out: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    budget = [MAX_ENTRIES]
-    for d in dirs:
-        try:
-            if not d.is_dir():
-                raise SdcliError(f"embeddings folder not found: {printable(str(d))}")
-        except OSError as e:
-            raise SdcliError(f"cannot read the embeddings folder {printable(str(d))}: {e.strerror or e}") from None
-        _walk(d, 0, out, seen, budget)
-    return out
-
-
-def _walk(folder: Path, depth: int, out: list[Path], seen: set, budget: list[int]) -> None:
-    try:
-        st = folder.stat()
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(folder) as it:
-            entries = []
-            for entry in it:
-                budget[0] -= 1
-                if budget[0] < 0:
-                    raise SdcliError(f"the embeddings folders hold over {MAX_ENTRIES:,} entries (at "
-                                     f"{printable(str(folder))}): point --embeddings-dir at the embeddings themselves")
-                entries.append(entry)
-    except OSError as e:
-        raise SdcliError(f"cannot read the embeddings folder {printable(str(folder))}: {e.strerror or e}") from None
+    sorted, the preferred suffix first (library.walk: symlinked folders followed once, the search bounded)."""
     order = {s: i for i, s in enumerate(SUFFIXES)}
-    files, subdirs = [], []
-    for entry in entries:
-        try:
-            if entry.is_dir():
-                subdirs.append(entry.name)
-            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in order:
-                files.append(entry.name)
-        except OSError:  # a broken entry: not an embedding
-            continue
-    files.sort(key=lambda n: (os.path.splitext(n)[0], order[os.path.splitext(n)[1].lower()]))
-    out += [folder / n for n in files]
-    if depth < MAX_DEPTH:
-        for name in sorted(subdirs):
-            _walk(folder / name, depth + 1, out, seen, budget)
+    out: list[Path] = []
+    for folder, names in walk(dirs, "embeddings", "--embeddings-dir"):
+        files = [n for n in names if os.path.splitext(n)[1].lower() in order]
+        files.sort(key=lambda n: (os.path.splitext(n)[0], order[os.path.splitext(n)[1].lower()]))
+        out += [folder / n for n in files]
+    return out
 
 
 # --- reading one file ----------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ tensors by role (down, up, mid, alpha, dora_scale, LyCORIS's hada_*/lokr_*, a fu
 
 Module names are looked up in a table built from the model's own weight names (A1111's `name.replace(".", "_")`
 over named_modules), in both the diffusers naming (kohya's for SD 1.x/2.x) and the original one (kohya's SDXL
-and some SD 1.x trainers), so loading is a name lookup plus a strict shape check.
+and some SD 1.x trainers), so loading is a name lookup plus a strict check (lora_check: sizes from the header,
+then values) that leaves nothing in the file for the merge, per batch, to fail on.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from sdcli.errors import ModelLoadError
 from sdcli.loading.files import examples, open_safetensors
 from sdcli.loading.keymaps import unet_diffusers_name
 from sdcli.loading.patch import Patch
-from sdcli.networks import lycoris
+from sdcli.networks import lora_check, lycoris
 from sdcli.networks.tags import LoraUse
 
 UNET, TEXT = "model.diffusion_model.", "cond_stage_model.transformer."  # our weight-name prefixes
@@ -44,8 +45,8 @@ _ROLES = [
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")  # diffusers < 0.20
 # dotted (diffusers) prefixes -> kohya's
 _PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
-_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width -> family
-MAX_SLACK = 1 << 20  # a module's tensors may hold up to 4x its weight's values plus this many
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # text (cross-attention) width -> family
+check = lora_check.check  # every module against the model's weights, before it loads (Loras.prepare)
 
 
 @dataclass
@@ -55,6 +56,11 @@ class LoraFile:
     modules: dict[str, dict[str, str]]  # kohya-style module name -> {role: tensor name in the file}
     shapes: dict[str, tuple[int, ...]]  # tensor name -> shape
     metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's (kohya's ss_*)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # tensor name -> dtype
+
+    def sizes(self, module: str) -> dict[str, tuple[int, ...]]:
+        """{role: shape} of one module's tensors."""
+        return {r: self.shapes[t] for r, t in self.modules[module].items()}
 
     @property
     def parts(self) -> list[str]:
@@ -62,14 +68,23 @@ class LoraFile:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({self.shapes[t["down"]][0] for t in self.modules.values() if "down" in t})
+        return sorted({r for m in self.modules if (r := lora_check.rank_of(self.sizes(m))) is not None})
 
     def summary(self) -> dict:
-        """What `sdcli info` shows: format, targets, ranks and alphas, base family and kohya's training metadata."""
+        """What `sdcli info` shows: format, targets, ranks and alphas, base family and kohya's training metadata.
+        A module that no model could merge (what check tells from the file alone) is an error."""
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as f:  # scalars: a few bytes each
-            alphas = sorted({round(float(f.get_tensor(t["alpha"])), 6) for t in self.modules.values() if "alpha" in t})
+        alphas = set()
+        with safe_open(str(self.path), framework="pt") as f:  # the numbers only: a few bytes each
+            for module, roles in self.modules.items():
+                problem = lora_check.file_problem(self, module)
+                numbers = {} if problem else {r: f.get_tensor(roles[r]) for r in lora_check.NUMBERS if r in roles}
+                if problem := problem or lora_check.finite_problem(numbers):
+                    raise ModelLoadError(f"{self.path.name}: module {module} {problem}")
+                if "alpha" in numbers:
+                    alphas.add(round(float(numbers["alpha"]), 6))
+        alphas = sorted(alphas)
         return {"path": str(self.path), "kind": "LoRA", "format": self.format, "modules": len(self.modules),
                 "targets": self.parts, "ranks": self.ranks, "alphas": alphas, "family": self.family(),
                 "training": {k: v for k, v in sorted(self.metadata.items()) if k.startswith(("ss_", "sshs_"))}}
@@ -83,13 +98,15 @@ class LoraFile:
         if any(m.startswith(("lora_te1_", "lora_te2_")) for m in self.modules):
             return "SDXL"
         for name, t in self.modules.items():  # the text width that the cross-attention keys read
-            if name.endswith("attn2_to_k") and "down" in t:
-                return _FAMILIES.get(self.shapes[t["down"]][-1])
+            if name.endswith("attn2_to_k") and "down" in t and self.shapes[t["down"]]:
+                return FAMILIES.get(self.shapes[t["down"]][-1])
         return None
 
 
 def read_lora(path: Path) -> LoraFile:
     """The file's header only: module names, roles and shapes; any tensor it cannot place is an error."""
+    if _empty(path):
+        raise ModelLoadError(f"{path} is empty (0 bytes): not a LoRA; download it again")
     tensors = open_safetensors(path)  # bounded header parse; pickles refused
     metadata = _metadata(path)
     modules: dict[str, dict[str, str]] = {}
@@ -108,7 +125,15 @@ def read_lora(path: Path) -> LoraFile:
     if not modules:
         raise ModelLoadError(f"{path} holds no tensors: not a LoRA")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    return LoraFile(path, _format(modules, tensors), modules, shapes, metadata)
+    dtypes = {k: v.dtype for k, v in tensors.items()}
+    return LoraFile(path, _format(modules, tensors), modules, shapes, metadata, dtypes)
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:  # open_safetensors says why it cannot be read
+        return False
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -186,69 +211,16 @@ def match(lora: LoraFile, table: Mapping[str, str], variant: str) -> dict[str, s
     return {m: table[m] for m in lora.modules}
 
 
-def check(lora: LoraFile, matched: Mapping[str, str], weights: Mapping[str, torch.Tensor], variant: str) -> None:
-    """Every module's factors fit its weight (meta shapes will do), before any tensor is read."""
-    for module, key in matched.items():
-        shape, roles = tuple(weights[key].shape), lora.modules[module]
-        sizes = {r: lora.shapes[t] for r, t in roles.items()}
-        total = sum(_numel(s) for s in sizes.values())
-        if total > 4 * _numel(shape) + MAX_SLACK:
-            raise ModelLoadError(f"{lora.path.name}: module {module} holds {total:,} values for a weight of "
-                                 f"{_numel(shape):,}: not a LoRA of this model")
-        problem = _shape_problem(sizes, shape)
-        if problem:
-            made_for = lora.family()
-            hint = f" (this LoRA is for {made_for}, the model is {variant})" if made_for and made_for not in variant \
-                else ""
-            raise ModelLoadError(f"{lora.path.name}: module {module} does not fit the model's weight "
-                                 f"{list(shape)}: {problem}{hint}")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _shape_problem(sizes: dict[str, tuple], shape: tuple) -> str | None:
-    out, fan_in = shape[0], _numel(shape[1:])
-    if "magnitude" in sizes:
-        return "it is DoRA in PEFT's layout (lora_magnitude_vector), which sdcli does not merge yet"
-    if "down" in sizes or "up" in sizes:
-        if "down" not in sizes or "up" not in sizes:
-            return "it has only one of the two LoRA factors"
-        down, up = sizes["down"], sizes["up"]
-        rank = down[0]
-        if up[0] != out or _numel(up[1:]) != rank:
-            return f"its up factor is {list(up)}, expected [{out}, {rank}, ...]"
-        if "mid" in sizes:
-            mid = sizes["mid"]
-            if len(mid) != 4 or mid[:2] != (rank, rank) or _numel(down[1:]) * _numel(mid[2:]) != fan_in:
-                return f"its mid factor is {list(mid)}, expected [{rank}, {rank}, kh, kw]"
-        elif _numel(down[1:]) != fan_in:
-            return f"its down factor is {list(down)}, expected [rank, {fan_in}] for the weight's inputs"
-    elif "diff" in sizes:
-        if _numel(sizes["diff"]) != _numel(shape):
-            return f"its diff is {list(sizes['diff'])}"
-    elif lycoris.kind(set(sizes)) is None:
-        return f"it has no weights sdcli can merge ({', '.join(sorted(sizes))})"
-    for role in ("alpha", "scale"):
-        if role in sizes and _numel(sizes[role]) != 1:
-            return f"its {role} is {list(sizes[role])}, not one number"
-    return None
-
-
 # --- the deltas ------------------------------------------------------------------------------------------
 
 def patch(lora: LoraFile, use: LoraUse, matched: Mapping[str, str], weights: Mapping[str, torch.Tensor]) -> Patch:
-    """The weight changes of `lora` at `use`'s multipliers, {our weight name: W -> new W}, computed in float32 on
-    each weight's device. A plain LoRA's is one fused W + s * up @ down (no delta the size of W is made first:
-    that halves the time and the memory touched)."""
+    """The weight changes of `lora` (passed by check) at `use`'s multipliers, {our weight name: W -> new W},
+    computed in float32 on each weight's device. A plain LoRA's is one fused W + s * up @ down (no delta the size
+    of W is made first: that halves the time and the memory touched)."""
     from safetensors import safe_open
 
     changes: dict = {}
-    alphas = _peft_alphas(lora.metadata)
+    alphas = lora_check.peft_alphas(lora.metadata)
     with safe_open(str(lora.path), framework="pt") as f, torch.no_grad():
         for module, key in matched.items():
             w = weights[key]
@@ -256,22 +228,28 @@ def patch(lora: LoraFile, use: LoraUse, matched: Mapping[str, str], weights: Map
             if multiplier == 0:
                 continue
             t = {r: f.get_tensor(name).to(w.device, torch.float32) for r, name in lora.modules[module].items()}
-            if not all(torch.isfinite(v).all() for v in t.values()):  # the factors: far smaller than the deltas
-                raise ModelLoadError(f"{lora.path.name}: module {module} holds values that are not finite numbers "
-                                     "(NaN or infinity): the file is damaged")
-            plain = "down" in t and "mid" not in t and "dora_scale" not in t
-            updown, rank = (None, t["down"].shape[0]) if plain else _updown(t, tuple(w.shape))
-            alpha = float(t["alpha"]) if "alpha" in t else alphas.get(_part(module))
-            scale = alpha / rank if alpha is not None and rank else 1.0  # a missing alpha is the rank: 1
-            if "scale" in t:  # LyCORIS's explicit scale wins (A1111's calc_scale)
-                scale = float(t["scale"])
-            if plain:
-                changes[key] = _low_rank(t["up"], t["down"], scale * multiplier)
+            rank = lora_check.rank_of(lora.sizes(module))
+            scale = lora_check.scale_of(t, rank, alphas.get(lora_check.part_of(module)))
+            if "down" in t and "mid" not in t and "dora_scale" not in t:
+                change = _low_rank(t["up"], t["down"], scale * multiplier)
             elif "dora_scale" in t:
-                changes[key] = _dora(updown * scale, t["dora_scale"], multiplier)
+                change = _dora(_updown(t, tuple(w.shape)) * scale, t["dora_scale"], multiplier)
             else:
-                changes[key] = _added(updown * (scale * multiplier))
+                change = _added(_updown(t, tuple(w.shape)) * (scale * multiplier))
+            changes[key] = _finite(change, f"{lora.path.name} at weight {multiplier:g}", module)
     return changes
+
+
+def _finite(change, what: str, module: str):
+    """A change whose result must be finite. Check bounds a file's changes (at most MAX_CHANGE times a multiplier
+    of at most 100), which float32 and bfloat16 hold; a float16 weight holds only 65504."""
+    def checked(w: torch.Tensor) -> torch.Tensor:
+        new = change(w)
+        if new.dtype == torch.float16 and not math.isfinite(lycoris.absmax(new)):
+            raise ModelLoadError(f"{what} takes module {module}'s weights past what float16 holds: give the LoRA a "
+                                 "smaller weight")
+        return new
+    return checked
 
 
 def _low_rank(up: torch.Tensor, down: torch.Tensor, factor: float):
@@ -292,42 +270,21 @@ def _added(delta: torch.Tensor):
     return change
 
 
-def _part(module: str) -> str:
-    return "unet" if module.startswith("lora_unet_") else "text_encoder"
-
-
-def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
-    """{part: lora_alpha} from diffusers' lora_adapter_metadata header entry (PEFT files without .alpha tensors);
-    empty when it is absent, and then the scale is 1 (diffusers' default)."""
-    try:
-        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except (ValueError, RecursionError):
-        return {}
-    alphas = {}
-    for part in ("unet", "text_encoder") if isinstance(packed, dict) else ():
-        alpha = packed.get(f"{part}.lora_alpha")
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and abs(alpha) < 1e6:
-            alphas[part] = float(alpha)
-    return alphas
-
-
-def _updown(t: dict[str, torch.Tensor], shape: tuple) -> tuple[torch.Tensor, int | None]:
-    """One module's unscaled change in the weight's shape, and the rank its alpha is divided by."""
+def _updown(t: dict[str, torch.Tensor], shape: tuple) -> torch.Tensor:
+    """One module's unscaled change in the weight's shape (a plain LoRA's outside DoRA: _low_rank)."""
     if "down" in t:
         down, up = t["down"], t["up"]
         rank = down.shape[0]
         up2 = up.reshape(up.shape[0], rank)
         if "mid" in t:  # CP decomposition (LoCon): [rank, rank, kh, kw] between the two factors
             delta = torch.einsum("nmkl,in,mj->ijkl", t["mid"], up2, down.reshape(rank, -1))
-        else:  # (DoRA's: plain ones are merged by _low_rank)
+        else:
             delta = up2 @ down.reshape(rank, -1)
-        return delta.reshape(shape), rank
+        return delta.reshape(shape)
     if "diff" in t:
-        return t["diff"].reshape(shape), None
-    kind = lycoris.kind(set(t))
-    fn = lycoris.loha if kind == "loha" else lycoris.lokr
-    delta, rank = fn(t, torch.Size(shape))
-    return delta.reshape(shape), rank
+        return t["diff"].reshape(shape)
+    fn = lycoris.loha if lycoris.kind(set(t)) == "loha" else lycoris.lokr
+    return fn(t, torch.Size(shape))[0].reshape(shape)
 
 
 def _dora(updown: torch.Tensor, dora_scale: torch.Tensor, multiplier: float):

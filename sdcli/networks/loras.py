@@ -1,20 +1,22 @@
 """A run's LoRAs: found and checked against the model before it loads, then merged into its weights for the
 requests that use them and taken off again bit for bit (loading.patch.Patcher) when the next request uses others.
 
-    loras = Loras(dirs)
+    loras = Loras(dirs, given)  # given: the --lora entries, whose tags name them by their stems
     loras.prepare(requests' uses, checkpoint.meta_model(), variant)  # every file found, read, matched, checked
     loras.switch(model, uses)  # per batch: nothing to do when the uses are the last batch's
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from sdcli.errors import SdcliError, shown
 from sdcli.networks.library import find
 from sdcli.networks.lora import LoraFile, check, match, patch, read_lora, targets
-from sdcli.networks.tags import LoraUse, loras_in
+from sdcli.networks.tags import LORA_SUFFIXES, LoraUse, lora_name, loras_in
 
-SUFFIXES = (".safetensors",)
+ALIAS = "ss_output_name"  # kohya's name of a LoRA, in its header: A1111 finds a file by it too
 
 
 def uses_of(prompt: str, negative_prompt: str = "") -> tuple[LoraUse, ...]:
@@ -23,8 +25,11 @@ def uses_of(prompt: str, negative_prompt: str = "") -> tuple[LoraUse, ...]:
 
 
 class Loras:
-    def __init__(self, dirs: list[Path]):
+    def __init__(self, dirs: list[Path], given: tuple[str, ...] = ()):
+        """`given`: the files or names of --lora entries, whose tags name them by tags.lora_name: that name
+        stands for the given file in the whole run."""
         self.dirs = dirs
+        self.given = self._given(given)
         self.files: dict[str, LoraFile] = {}  # a use's name -> its file, read
         self.matched: dict[str, dict[str, str]] = {}  # a use's name -> {module: our weight name}
         self.active: tuple[LoraUse, ...] = ()
@@ -32,7 +37,20 @@ class Loras:
         self._hashes: dict[Path, str] = {}  # file -> A1111's short hash, once per run
 
     def path(self, name: str) -> Path:
-        return find(name, self.dirs, SUFFIXES, "LoRA", "--lora-dir")
+        return self._find(self.given.get(name, name))
+
+    def _find(self, name: str) -> Path:
+        return find(name, self.dirs, LORA_SUFFIXES, "LoRA", "--lora-dir", alias=ALIAS)
+
+    def _given(self, given: tuple[str, ...]) -> dict[str, str]:
+        """{tag name: the --lora entry's file or name}; two files that one tag name would stand for are refused."""
+        out: dict[str, str] = {}
+        for entry in given:
+            name = lora_name(entry)
+            if out.setdefault(name, entry) != entry and not os.path.samefile(self._find(out[name]), self._find(entry)):
+                raise SdcliError(f"--lora {shown(out[name])} and --lora {shown(entry)} are two files that their "
+                                 f"<lora:{name}> tags cannot tell apart: rename one of them")
+        return out
 
     def prepare(self, uses, model, variant: str) -> None:
         """Find, read and check every LoRA `uses` names against `model` (meta weights will do)."""

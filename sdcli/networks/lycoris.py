@@ -37,7 +37,8 @@ magnitudes as [1, out, 1, 1], which would read as columns: a reader of PEFT file
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import math
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -74,7 +75,7 @@ def loha(t: Mapping[str, Tensor], shape: torch.Size) -> tuple[Tensor, int]:
         delta = _fit(w1, shape, "LoHa") * _fit(w2, shape, "LoHa")  # Hadamard product
     except RuntimeError:  # factors whose inner sizes disagree
         raise ModelLoadError(f"the LoHa factors do not fit together ({_sizes(t, LOHA_KEYS)})") from None
-    return delta, int(t["hada_w1_b"].shape[0])
+    return delta, rank(t)
 
 
 def lokr(t: Mapping[str, Tensor], shape: torch.Size) -> tuple[Tensor, int | None]:
@@ -95,8 +96,7 @@ def lokr(t: Mapping[str, Tensor], shape: torch.Size) -> tuple[Tensor, int | None
         delta = _fit(torch.kron(w1, w2.contiguous()), shape, "LoKr")
     except RuntimeError:
         raise ModelLoadError(f"the LoKr factors do not fit together ({_sizes(t, LOKR_KEYS)})") from None
-    low = t.get("lokr_w2_b", t.get("lokr_w1_b"))  # A1111 takes the w2 factor's rank over the w1 one's
-    return delta, None if low is None else int(low.shape[0])
+    return delta, rank(t)
 
 
 def decompose(weight: Tensor, updown: Tensor, dora_scale: Tensor) -> Tensor:
@@ -105,12 +105,108 @@ def decompose(weight: Tensor, updown: Tensor, dora_scale: Tensor) -> Tensor:
     already scaled by alpha / rank; multiply C by the multiplier (A1111). Computed in float32 (or float64)."""
     w = _wide(weight)
     merged = w + updown.to(w.device, w.dtype).reshape(w.shape)
-    axis = _magnitude_axis(tuple(w.shape), tuple(dora_scale.shape))
+    axis = magnitude_axis(tuple(w.shape), tuple(dora_scale.shape))
+    if axis is None:
+        raise ModelLoadError(dora_problem(tuple(w.shape), tuple(dora_scale.shape)))
     others = [d for d in range(w.ndim) if d != axis]  # the norm runs over every axis but the magnitude's
     keep = [w.shape[d] if d == axis else 1 for d in range(w.ndim)]  # [out, 1, ...] or [1, in, ...]
     norm = torch.linalg.vector_norm(merged, dim=others, keepdim=True) + _EPS
     magnitude = dora_scale.to(w.device, w.dtype).reshape(keep)
     return merged * (magnitude / norm) - w
+
+
+# --- sizes and bounds, before any delta is made (lora.check) ------------------------------------------------
+
+def rank(shapes: Mapping[str, Sequence[int] | Tensor]) -> int | None:
+    """The rank a LoHa or LoKr module's alpha is divided by: hada_w1_b's rows; LoKr's w2 factor's, else its w1
+    factor's (A1111's order), else None (both factors full). Takes shapes or the tensors themselves."""
+    for key in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if key in shapes:
+            return int(_shape(shapes[key])[0])
+    return None
+
+
+def delta_shape(shapes: Mapping[str, tuple]) -> tuple[int, int]:
+    """A LoHa or LoKr module's delta as [rows, columns] (a kernel's axes folded into the columns), from its
+    tensors' shapes alone, as loha and lokr build it; ValueError saying which factors do not fit together."""
+    k = kind(shapes)
+    if k == "loha":
+        halves = [_product(shapes, f"hada_w{i}_a", f"hada_w{i}_b", f"hada_t{i}") for i in (1, 2)]
+        if halves[0] != halves[1]:  # multiplied elementwise
+            raise ValueError(f"its two LoHa halves make {list(halves[0])} and {list(halves[1])} changes")
+        return halves[0]
+    if k != "lokr":
+        raise ValueError(f"it is neither a whole LoHa nor a whole LoKr module ({', '.join(sorted(shapes))})")
+    if "lokr_w1" in shapes:
+        w1 = _matrix(shapes, "lokr_w1", exact=True)
+    else:
+        w1 = _product(shapes, "lokr_w1_a", "lokr_w1_b", None)
+    w2 = _product(shapes, "lokr_w2_a", "lokr_w2_b", "lokr_t2") if "lokr_w2" not in shapes else \
+        _flat(_matrix(shapes, "lokr_w2"))
+    return w1[0] * w2[0], w1[1] * w2[1]  # kron
+
+
+def bound(t: Mapping[str, Tensor]) -> float:
+    """An upper bound on the largest value of a LoHa or LoKr module's unscaled delta (its sizes checked by
+    delta_shape), from its factors' absolute values: far cheaper than the delta itself."""
+    if kind(t) == "loha":
+        return product_bound(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1")) * \
+            product_bound(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
+    w1 = _largest(t["lokr_w1"]) if "lokr_w1" in t else product_bound(t["lokr_w1_a"], t["lokr_w1_b"], None)
+    w2 = _largest(t["lokr_w2"]) if "lokr_w2" in t else product_bound(t["lokr_w2_a"], t["lokr_w2_b"], t.get("lokr_t2"))
+    return w1 * w2  # each value of kron(w1, w2) is one value of w1 times one of w2
+
+
+def product_bound(a: Tensor, b: Tensor, t: Tensor | None) -> float:
+    """An upper bound on |_low_rank(a, b, t)|: |sum_k a[i,k] b[k,j]| <= sum_k max_i |a[i,k]| max_j |b[k,j]|; in
+    the CP form, sum_pq max_o |a[p,o]| max |t[p,q]| max_i |b[q,i]| (a LoRA's up, down and mid are the same two
+    forms). Reductions only: an elementwise pass over the factors costs several times more on a CPU."""
+    b_rows = absmax(b.reshape(b.shape[0], -1), 1)
+    if t is None:
+        return float(absmax(a.reshape(a.shape[0], -1), 0) @ b_rows)
+    return float(absmax(a, 1) @ absmax(t.reshape(*t.shape[:2], -1), 2) @ b_rows)
+
+
+def absmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """max |x| (along `dim`) in float64; NaN where x holds one, so a bound made of these is finite only when its
+    factors are. (On a CPU these are the fastest forms: aminmax along a dim is several times slower.)"""
+    if dim is not None:
+        return x.abs().amax(dim).double()
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi.double(), -lo.double())
+
+
+def _product(shapes: Mapping[str, tuple], a: str, b: str, t: str | None) -> tuple[int, int]:
+    """[rows, columns] of _low_rank's product of factors a and b (and t, when the module has it)."""
+    sa, sb = _matrix(shapes, a), _matrix(shapes, b)
+    if t is None or t not in shapes:
+        if math.prod(sa[1:]) != sb[0]:
+            raise ValueError(f"its {a} {list(sa)} and {b} {list(sb)} do not multiply")
+        return sa[0], math.prod(sb[1:])
+    st = _matrix(shapes, t)
+    if len(sa) != 2 or len(sb) != 2 or st[:2] != (sa[0], sb[0]):
+        raise ValueError(f"its {t} {list(st)}, {a} {list(sa)} and {b} {list(sb)} do not fit together (the CP form "
+                         "is [r, r, kh, kw], [r, out], [r, in])")
+    return sa[1], sb[1] * math.prod(st[2:])
+
+
+def _matrix(shapes: Mapping[str, tuple], key: str, exact: bool = False) -> tuple[int, ...]:
+    s = tuple(shapes[key])
+    if len(s) < 2 or (exact and len(s) != 2):
+        raise ValueError(f"its {key} is {list(s)}, not a matrix")
+    return s
+
+
+def _flat(s: tuple) -> tuple[int, int]:
+    return s[0], math.prod(s[1:])
+
+
+def _shape(x: Sequence[int] | Tensor) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, Tensor) else tuple(x)
+
+
+def _largest(x: Tensor) -> float:
+    return float(absmax(x))
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -131,10 +227,11 @@ def _fit(delta: Tensor, shape: torch.Size, name: str) -> Tensor:
     return delta.reshape(shape)
 
 
-def _magnitude_axis(wshape: tuple, dshape: tuple) -> int:
-    """0 when dora_scale holds one magnitude per output row, 1 per input column (module docstring)."""
+def magnitude_axis(wshape: tuple, dshape: tuple) -> int | None:
+    """0 when dora_scale holds one magnitude per output row, 1 per input column (module docstring), None when its
+    shape is neither."""
     if len(wshape) < 2:
-        raise ModelLoadError(f"DoRA needs a matrix or conv weight, not one of shape {list(wshape)}")
+        return None
     out, inn = wshape[0], wshape[1]
     if len(dshape) == 1:
         if dshape[0] == out:
@@ -146,8 +243,17 @@ def _magnitude_axis(wshape: tuple, dshape: tuple) -> int:
             return 0
         if tuple(dshape[:2]) == (1, inn):
             return 1
-    raise ModelLoadError(f"dora_scale is {list(dshape)}, but for a {list(wshape)} weight it must be [1, {inn}, ...] "
-                         f"(per input) or [{out}, 1, ...] (per output)")
+    return None
+
+
+def dora_problem(wshape: tuple, dshape: tuple) -> str | None:
+    """What is wrong with a dora_scale of shape `dshape` for a weight of shape `wshape`, or None."""
+    if len(wshape) < 2:
+        return f"DoRA needs a matrix or conv weight, not one of shape {list(wshape)}"
+    if magnitude_axis(wshape, dshape) is None:
+        return (f"dora_scale is {list(dshape)}, but for a {list(wshape)} weight it must be [1, {wshape[1]}, ...] "
+                f"(per input) or [{wshape[0]}, 1, ...] (per output)")
+    return None
 
 
 def _need(t: Mapping[str, Tensor], keys: Iterable[str], name: str) -> None:

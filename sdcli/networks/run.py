@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sdcli.networks.library import folders
-from sdcli.networks.tags import other_tags, strip_tags
+from sdcli.networks.tags import other_tags, parse_lora_option, strip_tags
 
 if TYPE_CHECKING:
     from sdcli.batch import Request
@@ -18,11 +18,12 @@ def prepare_networks(requests: list[Request], settings: dict, checkpoint) -> tup
     checked against the text encoder's width."""
     from sdcli.networks.loras import Loras, uses_of
 
-    loras = Loras(folders(settings.get("lora_dir"), "SDCLI_LORA_DIR"))
+    given = tuple(dict.fromkeys(parse_lora_option(entry).name for r in requests for entry in r.lora))
+    loras = Loras(folders(settings.get("lora_dir"), "SDCLI_LORA_DIR", "--lora-dir"), given)
     uses = [u for r in requests for u in uses_of(r.prompt, r.negative_prompt)]
     if uses:
         loras.prepare(uses, checkpoint.meta_model(), checkpoint.config.variant)
-    embedding_dirs = folders(settings.get("embeddings_dir"), "SDCLI_EMBEDDINGS_DIR")
+    embedding_dirs = folders(settings.get("embeddings_dir"), "SDCLI_EMBEDDINGS_DIR", "--embeddings-dir")
     if not embedding_dirs:
         return loras, None
     from sdcli.networks.embeddings import Embeddings

@@ -7,13 +7,16 @@ Torch-free: prompts are checked before anything heavy is imported.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdcli.errors import SdcliError, shown
 
 TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra_networks.re_extra_net
 LORA_KINDS = ("lora", "lyco")  # A1111's Lora extension answers to both
+LORA_SUFFIXES = (".safetensors",)  # what a LoRA file is named; NAME in a tag is NAME.safetensors in a folder
 MAX_MULTIPLIER = 100  # a LoRA's weight beyond which no image is left; bounds the arithmetic
 
 
@@ -100,15 +103,25 @@ def parse_lora_option(text: str) -> LoraUse:
     return LoraUse(name, te, weights[1] if len(weights) > 1 else te)
 
 
+def lora_name(given: str) -> str:
+    """The name a --lora FILE goes by in its tag: the file's name without .safetensors, as A1111 names LoRAs, so
+    that the stored prompt finds it in the LoRA folders of a run in any folder; a plain name stays as it is."""
+    stem, suffix = os.path.splitext(Path(given).name)
+    return (stem if suffix.lower() in LORA_SUFFIXES else Path(given).name) or given
+
+
 def with_lora_tags(r):
     """A request (batch.Request) with its --lora entries as <lora:NAME:WEIGHT> tags at the end of the prompt, where
-    A1111 keeps them: the stored prompt then reproduces the run, in sdcli (--from-image) and in A1111's PNG Info."""
+    A1111 keeps them: the stored prompt then reproduces the run, in sdcli (--from-image) and in A1111's PNG Info.
+    NAME is the file's lora_name; `lora` keeps the entries, which tell the run the very files they name
+    (networks.loras.Loras). Call it once per request: each call adds the tags."""
     import dataclasses
 
     if not r.lora:
         return r
-    tags = " ".join(parse_lora_option(entry).tag() for entry in r.lora)
-    return dataclasses.replace(r, prompt=f"{r.prompt} {tags}" if r.prompt else tags, lora=())
+    uses = [parse_lora_option(entry) for entry in r.lora]
+    tags = " ".join(dataclasses.replace(u, name=lora_name(u.name)).tag() for u in uses)
+    return dataclasses.replace(r, prompt=f"{r.prompt} {tags}" if r.prompt else tags)
 
 
 def _is_number(text: str) -> bool:

@@ -38,6 +38,36 @@ SAMPLERS = {
     "lcm": Sampler("sample_lcm", "lcm", vp_start=True, stochastic=True),
 }
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "ddim", "lcm")  # the keys of schedules.SCHEDULES
+MAX_SCHEDULE_STEPS = 100_000  # a bound on memory and time: the fractional-timestep schedules have no other
+
+
+def max_steps(schedule: str, train_timesteps: int) -> int:
+    """The most steps `schedule` has on a model of `train_timesteps` with every noise level distinct (a step
+    between equal levels does nothing but break the multistep solvers): one training timestep a step for
+    ddim (from 1, its offset, as diffusers refuses more) and lcm, any number of fractional ones otherwise."""
+    if schedule == "ddim":
+        return train_timesteps - 1
+    if schedule == "lcm":
+        return train_timesteps
+    return MAX_SCHEDULE_STEPS if train_timesteps > 1 else 1
+
+
+def check_steps(schedule: str, steps: int, train_timesteps: int, asked: str = "",
+                fix: str = "lower --steps (the hires fix: lower --hires-steps or raise --hires-strength)") -> None:
+    """Refuse a `steps`-long schedule over its max_steps. `asked`: the options that make it this long."""
+    from sdcli.errors import SdcliError
+
+    most = max_steps(schedule, train_timesteps)
+    if steps <= most:
+        return
+    if most == MAX_SCHEDULE_STEPS:
+        where = "sdcli runs"
+    else:
+        where = f"it has on this model ({train_timesteps:,} training timesteps)"
+        fix += " or choose another --schedule (e.g. karras)"
+    raise SdcliError(f"{asked + ': ' if asked else ''}{steps:,} steps of the {schedule} schedule are more than the "
+                     f"{most:,} {where}: {fix}")
+
 
 # name -> the module that defines it, imported on first use (PEP 562)
 _LAZY = {"SCHEDULES": "schedules", "DiscreteSigmas": "schedules", "CFGDenoiser": "denoisers", "Denoiser": "denoisers"}
@@ -49,4 +79,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sdcli.sampling' has no attribute {name!r}")
 
 
-__all__ = ["SAMPLERS", "SCHEDULES", "SCHEDULE_NAMES", "CFGDenoiser", "Denoiser", "DiscreteSigmas", "Sampler"]
+__all__ = ["MAX_SCHEDULE_STEPS", "SAMPLERS", "SCHEDULES", "SCHEDULE_NAMES", "CFGDenoiser", "Denoiser", "DiscreteSigmas",
+           "Sampler", "check_steps", "max_steps"]

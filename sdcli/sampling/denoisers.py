@@ -1,7 +1,9 @@
 """Denoisers D(x, sigma, cond) -> predicted clean latents, wrapped around a DDPM-trained UNet.
 
 Samplers only ever see a denoiser; guidance, inpainting blends and img2img are small wrappers
-around one. x is in the variance-exploding form x = x0 + sigma * noise.
+around one. x is in the variance-exploding form x = x0 + sigma * noise. Besides being called, a denoiser
+maps noise levels to its model's (fractional) training timesteps, `sigma_to_t(sigma)` (k-diffusion's
+DiscreteSchedule method), for the samplers stated in timesteps (LCM); every wrapper passes its inner one's on.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prediction type {prediction!r}")
         self.unet, self.table, self.prediction = unet, table, prediction
 
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.table.sigma_to_t(sigma)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # x: [B, C, h, w], sigma: [B]; cond.concat [B, C', h, w]: extra UNet input channels (inpainting UNets:
         # mask and masked-image latents), appended after the input scaling; the other parts go by keyword
         s = sigma.to(x.dtype)[:, None, None, None]
-        t = self.table.sigma_to_t(sigma.cpu()).to(x.device, torch.float32)  # float64 table (MPS has no float64)
+        t = self.sigma_to_t(sigma.cpu()).to(x.device, torch.float32)  # float64 table (MPS has no float64)
         inp = x / (s**2 + 1).sqrt()  # the UNet's unit-variance (VP) input
         if cond.concat is not None:
             inp = torch.cat([inp, cond.concat], dim=1)
@@ -39,16 +44,23 @@ class Denoiser(nn.Module):
         return x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
 
 
-class CFGDenoiser(nn.Module):
+class Wrapper(nn.Module):
+    """A denoiser around another, `self.denoiser`: the noise levels, and so the timesteps, are its."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.sigma_to_t(sigma)
+
+
+class CFGDenoiser(Wrapper):
     """Classifier-free guidance: the conditional and unconditional passes in one batched UNet call.
 
     Guiding the denoised latents equals guiding the UNet output (both are affine in it with the same
     x), so this matches diffusers' pipelines.
     """
-
-    def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, uncond: Conditioning | None = None,
                 cond_scale: float = 1.0) -> torch.Tensor:
@@ -66,27 +78,27 @@ class CFGDenoiser(nn.Module):
         return uncond_out + (cond_out - uncond_out) * cond_scale
 
 
-class KnownRegion(nn.Module):
+class KnownRegion(Wrapper):
     """Inpainting with an ordinary model: outside the mask the prediction is the original latents, so the
     sampler walks that region down the original's own noised path while the rest is generated to fit it."""
 
     def __init__(self, denoiser: nn.Module, latents: torch.Tensor, mask: torch.Tensor):
-        super().__init__()
+        super().__init__(denoiser)
         # latents: [B, C, h, w] clean; mask: [1, 1, h, w], 1 = repaint
-        self.denoiser, self.latents, self.mask = denoiser, latents, mask
+        self.latents, self.mask = latents, mask
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.lerp(self.latents, self.denoiser(x, sigma, **kwargs), self.mask)
 
 
-class TiledDenoiser(nn.Module):
+class TiledDenoiser(Wrapper):
     """Denoise a large latent in overlapping tiles (MultiDiffusion): at every step each tile is denoised on
     its own and the predictions are blended with weights that ramp across the overlaps. UNet memory is
     bounded by the tile, and since the tiles agree on their overlaps at every step, no seams form."""
 
     def __init__(self, denoiser: nn.Module, tile: int, overlap: int):
-        super().__init__()
-        self.denoiser, self.tile, self.overlap = denoiser, tile, overlap  # in latent pixels
+        super().__init__(denoiser)
+        self.tile, self.overlap = tile, overlap  # in latent pixels
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -6,6 +6,9 @@ returned at sigmas[-1]. `noise(sigma, sigma_next)` draws fresh noise for the sto
 Once per step, after the step's (first) model call and before x moves on, `callback` gets k-diffusion's dict
 {"i": step, "sigma": sigmas[i], "sigma_hat": the level the model saw (sigma: no churn here), "x": the latents
 at that level, "denoised": the model's prediction}: enough for previews and step-scheduled features.
+The LCM sampler, stated in timesteps, also takes them from the model: `model.sigma_to_t(sigma)`, as sdcli's
+denoisers give it (k-diffusion's DiscreteSchedule method); a plain function is taken to be on Stable
+Diffusion's training schedule.
 """
 
 from __future__ import annotations
@@ -200,15 +203,10 @@ def sample_plms(model: Model, x, sigmas, extra_args=None, callback: Callback = N
     return x
 
 
-def _table_of(model: Model) -> DiscreteSigmas:
-    """The noise levels of the sdcli Denoiser inside `model` (guidance, tiling and inpainting wrap it as
-    `.denoiser`); Stable Diffusion's training schedule for any other denoiser."""
-    inner = model
-    while inner is not None:
-        if isinstance(getattr(inner, "table", None), DiscreteSigmas):
-            return inner.table
-        inner = getattr(inner, "denoiser", None)
-    return DiscreteSigmas(NoiseSchedule())
+def _timesteps(model: Model, sigmas: list[float]) -> list[float]:
+    """The model's (fractional) training timesteps at `sigmas`."""
+    sigma_to_t = getattr(model, "sigma_to_t", None) or DiscreteSigmas(NoiseSchedule()).sigma_to_t
+    return sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
 
 
 def _lcm_scalings(t: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[float, float]:
@@ -225,8 +223,7 @@ def sample_lcm(model: Model, x, sigmas, extra_args=None, callback: Callback = No
     consistency function's x0, then noises it afresh to the next level (not after the last step to 0)."""
     s = _floats(sigmas)
     noise = noise or (lambda sigma, sigma_next: torch.randn_like(x))
-    # the boundary condition is stated in timesteps: the denoiser's own table maps sigma back to them
-    t = _table_of(model).sigma_to_t(torch.tensor(s[:-1], dtype=torch.float64)).tolist()
+    t = _timesteps(model, s[:-1])  # the boundary condition is stated in timesteps
     for i in range(len(s) - 1):
         c_skip, c_out = _lcm_scalings(t[i])
         # diffusers skips its unit-variance sample, x / sqrt(1 + sigma^2) here

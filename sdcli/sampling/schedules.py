@@ -6,11 +6,13 @@ sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) for a DDPM-trained m
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from sdcli.config import NoiseSchedule
+from sdcli.sampling import check_steps
 
 
 def alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
@@ -58,8 +60,9 @@ class DiscreteSigmas:
         return low + w
 
 
-# Each schedule: (table, steps) -> sigmas [steps + 1] float64, decreasing. The last entry is 0 (a final
-# denoise) except for `ddim`, which stops at the smallest training sigma as DDIM and PLMS do.
+# Each schedule: (table, steps) -> sigmas [steps + 1] float64, strictly decreasing. The last entry is 0 (a
+# final denoise) except for `ddim`, which stops at the smallest training sigma as DDIM and PLMS do. SCHEDULES
+# refuses more steps than a schedule has distinct levels for (sampling.max_steps).
 
 def normal(table: DiscreteSigmas, steps: int) -> torch.Tensor:
     """Timesteps evenly spaced from T-1 to 0 (k-diffusion's and AUTOMATIC1111's "Normal")."""
@@ -102,7 +105,8 @@ def lcm(table: DiscreteSigmas, steps: int) -> torch.Tensor:
     """LCM's timesteps, as diffusers' LCMScheduler.set_timesteps: `steps` evenly spaced indices (rounded down)
     into the distillation grid T-1, T-1-T/50, ..., T/50-1, then 0 (its timestep_spacing and steps_offset play
     no part). Above 50 steps, where diffusers refuses, the grid is the one it builds for
-    original_inference_steps=steps, so every step is a distinct timestep (a hires pass may ask for that many)."""
+    original_inference_steps=steps, so every step is a distinct timestep (a hires pass may ask for that many),
+    up to one per training timestep."""
     n = len(table.sigmas)
     grid_size = min(max(LCM_ORIGINAL_STEPS, steps), n)
     k = n // grid_size
@@ -111,8 +115,19 @@ def lcm(table: DiscreteSigmas, steps: int) -> torch.Tensor:
     return _append_zero(table.t_to_sigma(grid[index]))
 
 
-SCHEDULES = {"normal": normal, "karras": karras, "exponential": exponential, "sgm_uniform": sgm_uniform,
-             "ddim": ddim, "lcm": lcm}
+def _checked(name: str, schedule):
+    """`schedule`, refusing (one line) a step count whose noise levels would repeat."""
+    @functools.wraps(schedule)
+    def run(table: DiscreteSigmas, steps: int) -> torch.Tensor:
+        check_steps(name, steps, len(table.sigmas))
+        return schedule(table, steps)
+
+    return run
+
+
+SCHEDULES = {name: _checked(name, fn) for name, fn in (
+    ("normal", normal), ("karras", karras), ("exponential", exponential), ("sgm_uniform", sgm_uniform),
+    ("ddim", ddim), ("lcm", lcm))}
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:

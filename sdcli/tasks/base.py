@@ -8,7 +8,8 @@ from sdcli.batch import MAX_SIZE, Request, tiling
 from sdcli.output_names import NAME
 from sdcli.errors import SdcliError
 
-MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler"}
+MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler",
+               "refiner": "an SDXL refiner"}
 
 
 def scaled(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
@@ -51,7 +52,10 @@ class Task:
     def check_model(self, cfg, model_path: str) -> None:
         if cfg.task not in self.models:
             wanted = " or ".join(MODEL_KINDS[t] for t in self.models)
-            raise SdcliError(f"{model_path} is a {cfg.variant} model; {self.command} needs {wanted} model")
+            hint = " (it finishes a base model's images: give it as --refiner, or use it with img2img)" \
+                if cfg.task == "refiner" else ""
+            raise SdcliError(f"{model_path} is a{'n' if cfg.variant[0] in 'S' else ''} {cfg.variant} model{hint}; "
+                             f"{self.command} needs {wanted} model")
 
     def adopt_record(self, requests: list[Request], record: dict, flags: dict, cfg) -> list[Request]:
         """--from-image: the requests built on the image's record, once the model is known."""
@@ -60,6 +64,9 @@ class Task:
     def resolve(self, r: Request, cfg) -> Request:
         """The task's defaults that depend on the model, and the checks that need it."""
         r = self.defaults(r, cfg)
+        if (r.original_size or r.crop_coords) and "original_width" not in cfg.kind.added:
+            raise SdcliError(f"--original-size and --crop-coords condition SDXL models; this is a {cfg.variant} "
+                             "model: leave them out")
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")

@@ -34,6 +34,7 @@ def img2img(engine: Engine, image: torch.Tensor, prompt: str, s: Sampling, seeds
 class Img2Img(Task):
     name = command = "img2img"
     keys = ("width", "height", "image", "strength", "resize")
+    models = ("txt2img", "refiner")  # an SDXL refiner works alone as an img2img model
     image_hint = "--image IN.png"
     default_strength = 0.75  # diffusers'
 

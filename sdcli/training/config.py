@@ -130,9 +130,9 @@ def from_dict(cls, data: dict):
 
 UNET_PRESETS = {
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_levels=(False, True, True), cross_attention_only=(False,) * 3),
+                       transformer_depth=(0, 1, 1), cross_attention_only=(False,) * 3),
     "small": UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2,
-                        attention_levels=(False, True, True), cross_attention_only=(False,) * 3),
+                        transformer_depth=(0, 1, 1), cross_attention_only=(False,) * 3),
     "sd15": UNetConfig(),
 }
 VAE_PRESETS = {
@@ -180,14 +180,14 @@ def unet_config(preset: str = "tiny", channels: str | None = None, layers_per_bl
     if channels:
         mc, mult = _widths(parse_ints(channels, "--channels"), "--channels")
         n = len(mult)
-        cfg = replace(cfg, model_channels=mc, channel_mult=mult, attention_levels=(True,) * (n - 1) + (False,)
-                      if n > 1 else (True,), cross_attention_only=(False,) * n)
+        cfg = replace(cfg, model_channels=mc, channel_mult=mult, transformer_depth=(1,) * (n - 1) + (0,)
+                      if n > 1 else (1,), cross_attention_only=(False,) * n)
     if attention_levels:
         marks = [m.strip() for m in attention_levels.split(",")]
         if len(marks) != len(cfg.channel_mult) or any(m not in ("0", "1") for m in marks):
             raise SdcliError(f"--attention-levels needs one 0 or 1 per level ({len(cfg.channel_mult)}), "
                              f"not {attention_levels!r}")
-        cfg = replace(cfg, attention_levels=tuple(m == "1" for m in marks))
+        cfg = replace(cfg, transformer_depth=tuple(int(m) for m in marks))
     if layers_per_block is not None:
         cfg = replace(cfg, num_res_blocks=layers_per_block)
     if heads is not None:
