@@ -155,9 +155,9 @@ def test_unsupported_diffusers_config(tiny, tmp_path, run_cli):
     shutil.copytree(tiny("sd1").folder, folder)
     cfg_path = folder / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["addition_embed_type"] = "text_time"  # SDXL
+    cfg["class_embed_type"] = "timestep"  # a diffusers option sdcli does not build
     cfg_path.write_text(json.dumps(cfg))
-    assert_cli_error(run_cli, folder, "unsupported UNet option addition_embed_type")
+    assert_cli_error(run_cli, folder, "unsupported UNet option class_embed_type")
 
 
 def test_malformed_diffusers_config(tiny, tmp_path, run_cli):
