@@ -170,6 +170,7 @@ def _validate(r: Request) -> None:
     from sdcli.networks.tags import loras_in, parse_lora_option, strip_tags
     from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES
+    from sdcli.tasks.base import size_conditioning
 
     def bad(message: str):
         raise SdcliError(message)
@@ -232,24 +233,6 @@ def _validate(r: Request) -> None:
         text = getattr(r, name)
         loras_in(text, f"the {name.replace('_', ' ')}")
         parse_prompt_attention(strip_tags(text))
-
-
-def size_conditioning(r: Request) -> tuple[tuple[int, int] | None, tuple[int, int]]:
-    """SDXL's --original-size WxH and --crop-coords TOP,LEFT -> ((width, height) or None, (top, left))."""
-    def numbers(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
-        if text is None:
-            return None
-        parts = text.lower().split(sep)
-        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 5 for p in parts):
-            raise SdcliError(f"{option} must be two whole numbers as {example}, not {shown(text)}")
-        a, b = (int(p) for p in parts)
-        if max(a, b) > MAX_SIZE or (sep == "x" and min(a, b) < 8):
-            raise SdcliError(f"{option} {shown(text)}: each number must be {'8' if sep == 'x' else '0'} to "
-                             f"{MAX_SIZE} px")
-        return a, b
-
-    return (numbers(r.original_size, "x", "--original-size", "1024x1024"),
-            numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0))
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: NUL, ESC, ...

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import (MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan,
-                         size_conditioning, validate)
+from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
 from sdcli.networks.run import ignored_tags, network_record, prepare_networks
@@ -248,6 +247,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
     run's images, when `jobs` is this process's share of them (under torchrun)."""
     from sdcli.engine import Sampling
     from sdcli.tasks import rerender_keys
+    from sdcli.tasks.base import size_conditioning
 
     task, opts, keys = run.task, run.opts, rerender_keys(run.task)
     total = len(jobs) if total is None else total
@@ -258,7 +258,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                 r = group[0].request
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{total}"
                 start = time.perf_counter()
-                original, crop = size_conditioning(r)
+                original, crop = size_conditioning(r)  # checked with the request
                 s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, original, crop)
                 with bar.image(label, task.steps_run(r, engine.cfg)) as step:
                     images, extra = task.render(engine, r, s, [j.request.seed for j in group], run.sources, step)

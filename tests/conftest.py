@@ -23,19 +23,32 @@ def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")
 
 
+def _built(build, root):
+    """kind -> build(kind, root), each built once."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = build(kind, root)
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_root):
     """tiny(kind) -> TinyModel, built once per session: "sd1", "sd2", "inpaint", "x4"."""
     import tiny as builder
 
-    cache = {}
+    return _built(builder.build, tiny_root)
 
-    def get(kind: str):
-        if kind not in cache:
-            cache[kind] = builder.build(kind, tiny_root)
-        return cache[kind]
 
-    return get
+@pytest.fixture(scope="session")
+def xl(tiny_root):
+    """xl(kind) -> tiny_xl.TinyXL, built once per session: "base" or "refiner"."""
+    import tiny_xl
+
+    return _built(tiny_xl.build, tiny_root)
 
 
 @pytest.fixture(scope="session")

@@ -15,21 +15,6 @@ from sdcli.tasks.txt2img import txt2img
 PROMPT, NEGATIVE, SEED, SIZE = "a photograph of an astronaut riding a horse", "blurry", 42, 64
 
 
-@pytest.fixture(scope="session")
-def xl(tiny_root):
-    """xl(kind) -> tiny_xl.TinyXL, built once per session: "base" or "refiner"."""
-    import tiny_xl
-
-    cache = {}
-
-    def get(kind: str):
-        if kind not in cache:
-            cache[kind] = tiny_xl.build(kind, tiny_root)
-        return cache[kind]
-
-    return get
-
-
 @pytest.fixture(scope="module")
 def base(xl):
     tm = xl("base")

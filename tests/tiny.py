@@ -111,8 +111,7 @@ def build(kind: str, root: Path) -> TinyModel:
         StableDiffusionUpscalePipeline,
     )
 
-    from sdcli.loading.keymaps import openclip_layout, unet_diffusers_name, vae_diffusers_name, rename_layout
-    from sdcli.loading.detect import unet_from_diffusers, vae_from_diffusers
+    from sdcli.loading.keymaps import openclip_layout
     from sdcli.models.text import clip_tokenizer
 
     family = FAMILY[kind]
@@ -151,17 +150,7 @@ def build(kind: str, root: Path) -> TinyModel:
 
     # The original single file: diffusers names -> LDM names through the rules under test; the
     # comparisons against the diffusers modules are what make this a test.
-    state = {}
-    ucfg = unet_from_diffusers(unet.config, "unet")
-    ours = rename_layout(_ldm_keys(ucfg), unet_diffusers_name(ucfg)).from_file(unet.state_dict())
-    state.update({"model.diffusion_model." + k: v for k, v in ours.items()})
-    vcfg = vae_from_diffusers(vae.config, "vae")
-    vae_state = {k: v for k, v in vae.state_dict().items()}
-    ours = rename_layout(_vae_keys(vcfg), vae_diffusers_name(vcfg)).from_file(vae_state)
-    for k, v in ours.items():  # LDM stores the mid attention projections as 1x1 convs
-        if ".mid.attn_1." in k and k.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]
-        state["first_stage_model." + k] = v
+    state = original_unet_and_vae(unet, vae)
     text_state = {"transformer.text_model." + k: v for k, v in text_full.state_dict().items()}
     if family == "sd1":
         state.update({"cond_stage_model." + k: v for k, v in text_state.items()})
@@ -180,6 +169,21 @@ def build(kind: str, root: Path) -> TinyModel:
     single = root / f"tiny-{kind}.safetensors"
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(single))
     return TinyModel(kind, folder, single, unet, vae, text)
+
+
+def original_unet_and_vae(unet, vae) -> dict:
+    """A diffusers UNet's and VAE's weights under original single-file keys, renamed by the rules under test."""
+    from sdcli.loading.detect import unet_from_diffusers, vae_from_diffusers
+    from sdcli.loading.keymaps import rename_layout, unet_diffusers_name, vae_diffusers_name
+
+    ucfg = unet_from_diffusers(unet.config, "unet")
+    ours = rename_layout(_ldm_keys(ucfg), unet_diffusers_name(ucfg)).from_file(unet.state_dict())
+    state = {"model.diffusion_model." + k: v for k, v in ours.items()}
+    vcfg = vae_from_diffusers(vae.config, "vae")
+    for k, v in rename_layout(_vae_keys(vcfg), vae_diffusers_name(vcfg)).from_file(vae.state_dict()).items():
+        # LDM stores the mid attention projections as 1x1 convs
+        state["first_stage_model." + k] = v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v
+    return state
 
 
 def _ldm_keys(cfg):

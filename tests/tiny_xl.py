@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tiny import _ldm_keys, _vae_keys, diffusers_vae, randomize
+from tiny import diffusers_vae, original_unet_and_vae, randomize
 
 L_WIDTH, G_WIDTH, TIME_WIDTH = 64, 128, 8  # CLIP towers have 64-wide heads
 UNETS = {
@@ -52,8 +52,7 @@ def build(kind: str, root: Path) -> TinyXL:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from diffusers import UNet2DConditionModel
 
-    from sdcli.loading.detect import unet_from_diffusers, vae_from_diffusers
-    from sdcli.loading.keymaps import openclip_layout, rename_layout, unet_diffusers_name, vae_diffusers_name
+    from sdcli.loading.keymaps import openclip_layout
     from sdcli.models.text import clip_tokenizer
 
     seed = 100 if kind == "base" else 200
@@ -81,13 +80,7 @@ def build(kind: str, root: Path) -> TinyXL:
 
     # The original single file: diffusers names -> sgm names through the rules under test; diffusers' own
     # single-file reader and the image parity tests are what check them.
-    state = {}
-    ucfg = unet_from_diffusers(unet.config, "unet")
-    ours = rename_layout(_ldm_keys(ucfg), unet_diffusers_name(ucfg)).from_file(unet.state_dict())
-    state.update({"model.diffusion_model." + k: v for k, v in ours.items()})
-    vcfg = vae_from_diffusers(vae.config, "vae")
-    for k, v in rename_layout(_vae_keys(vcfg), vae_diffusers_name(vcfg)).from_file(vae.state_dict()).items():
-        state["first_stage_model." + k] = v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v
+    state = original_unet_and_vae(unet, vae)
     g_index = 0
     if kind == "base":
         state.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v

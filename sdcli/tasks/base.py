@@ -6,7 +6,7 @@ import dataclasses
 
 from sdcli.batch import MAX_SIZE, Request, tiling
 from sdcli.output_names import NAME
-from sdcli.errors import SdcliError
+from sdcli.errors import SdcliError, shown
 
 MODEL_KINDS = {"txt2img": "a text-to-image", "inpainting": "an inpainting", "upscale-x4": "an x4 upscaler",
                "refiner": "an SDXL refiner"}
@@ -120,6 +120,24 @@ class Task:
             raise SdcliError(f"--strength {r.strength:g} of {r.steps} steps runs no step: raise --strength or "
                              "--steps")
         return r
+
+
+def size_conditioning(r: Request) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """SDXL's --original-size WxH and --crop-coords TOP,LEFT -> ((width, height) or None, (top, left))."""
+    def numbers(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
+        if text is None:
+            return None
+        parts = text.lower().split(sep)
+        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 5 for p in parts):
+            raise SdcliError(f"{option} must be two whole numbers as {example}, not {shown(text)}")
+        a, b = (int(p) for p in parts)
+        if max(a, b) > MAX_SIZE or (sep == "x" and min(a, b) < 8):
+            raise SdcliError(f"{option} {shown(text)}: each number must be {'8' if sep == 'x' else '0'} to "
+                             f"{MAX_SIZE} px")
+        return a, b
+
+    return (numbers(r.original_size, "x", "--original-size", "1024x1024"),
+            numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0))
 
 
 def with_tiles(r: Request) -> Request:
