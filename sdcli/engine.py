@@ -228,7 +228,9 @@ def img2img_steps(steps: int, strength: float) -> int:
 def img2img_schedule(steps_run: int, strength: float) -> int:
     """The shortest schedule of which img2img at `strength` runs exactly `steps_run` steps (A1111's hires pass
     and its img2img with "fix steps" run the steps asked for, over a schedule about steps / strength long)."""
-    total = steps_run
-    while img2img_steps(total, strength) < steps_run:  # grows by at most 1 per step: it lands on steps_run
+    if steps_run / strength > 1e12:  # far longer than any schedule sdcli runs: check_steps refuses it
+        return 10**12
+    total = max(steps_run, int(steps_run / strength) - 1)  # at most a step short of the answer (rounding)
+    while img2img_steps(total, strength) < steps_run:
         total += 1
     return total

@@ -211,6 +211,7 @@ HIRES = ("--steps", "1", "--hires-scale", "1", "--hires-steps")
     ((*HIRES, "600", "--hires-strength", "0.5", "--schedule", "ddim", "--sampler", "dpm++2m"), "999"),  # 1200
     ((*HIRES, "4", "--hires-strength", "0.001", "--sampler", "lcm"), "1,000"),  # 4000
     ((*HIRES, "2", "--hires-strength", "0.00001", "--sampler", "dpm++2m"), "100,000"),  # 200000 of karras
+    ((*HIRES, "2", "--hires-strength", "1e-300", "--sampler", "dpm++2m"), "100,000"),  # no loop up to 2e300
 ])
 def test_too_long_a_schedule_is_refused(run_cli, on_tiny, args, most):
     code, out, err = run_cli("generate", *FAST, *args)
@@ -224,3 +225,16 @@ def test_a_hires_pass_over_a_long_schedule_runs(run_cli, on_tiny):
     code, _, err = run_cli("generate", *FAST, *HIRES, "2", "--hires-strength", "0.0015", "--sampler", "dpm++2m")
     assert code == 0, err
     assert files(on_tiny) == {"cat.png"}
+
+
+def test_hires_schedule_is_the_shortest_that_runs_the_steps():
+    """img2img_schedule in closed form against the definition: the smallest total with int(total * strength)
+    >= steps (searched upward from steps)."""
+    from sdcli.engine import img2img_schedule, img2img_steps
+
+    for strength in (1.0, 0.999, 0.75, 0.5, 0.3333, 0.3, 0.1, 0.07, 0.0015):
+        for steps in (1, 2, 3, 7, 20, 33, 150):
+            total = steps
+            while img2img_steps(total, strength) < steps:
+                total += 1
+            assert img2img_schedule(steps, strength) == total, (steps, strength)

@@ -248,7 +248,7 @@ def test_errors(workdir, run_cli, args, message):
     ("upscale", ["in.png", "--strength", "0.5"], "--strength is for upscaling with ordinary models"),
     ("upscale", ["in.png", "--noise-level", "351"], "--noise-level must be between 0 and 350"),
     ("generate", ["x"], "x4 upscaler model; generate needs a text-to-image model"),
-    ("img2img", ["x", "-i", "in.png"], "img2img needs a text-to-image model"),
+    ("img2img", ["x", "-i", "in.png"], "img2img needs a text-to-image or an SDXL refiner model"),
 ])
 def test_x4_errors(workdir, tiny, run_cli, command, args, message):
     before = set(os.listdir("."))

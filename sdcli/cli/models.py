@@ -96,6 +96,8 @@ def _embedding(path: str) -> dict | None:
     except (OSError, ModelLoadError):
         return None
     count, width = vectors.shape
+    if width not in FAMILIES:  # one stray tensor (a damaged model) is not shown as a 1-wide embedding
+        return None
     return {"path": str(file), "kind": "embedding", "vectors": count, "width": width, "family": FAMILIES.get(width)}
 
 

@@ -63,7 +63,11 @@ class Task:
 
     def resolve(self, r: Request, cfg) -> Request:
         """The task's defaults that depend on the model, and the checks that need it."""
+        from sdcli.sampling import SAMPLERS, check_steps
+
         r = self.defaults(r, cfg)
+        for steps, asked in self.schedules(r):  # refused before the first image, not after it
+            check_steps(r.schedule or SAMPLERS[r.sampler].schedule, steps, cfg.schedule.num_train_timesteps, asked)
         if (r.original_size or r.crop_coords) and "original_width" not in cfg.kind.added:
             raise SdcliError(f"--original-size and --crop-coords condition SDXL models; this is a {cfg.variant} "
                              "model: leave them out")
@@ -74,6 +78,10 @@ class Task:
 
     def defaults(self, r: Request, cfg) -> Request:
         return r
+
+    def schedules(self, r: Request) -> list[tuple[int, str]]:
+        """The schedules (length, the options that ask for it) the request's images run over."""
+        return [(r.steps, "--steps")]
 
     def check(self, r: Request) -> None:
         """What a request of this task must give, before its files are read."""

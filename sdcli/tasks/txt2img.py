@@ -52,6 +52,15 @@ class Txt2Img(Task):
             scaled(w, h, r.hires_scale)  # the size limit, checked before the first image
         return w, h
 
+    def schedules(self, r: Request) -> list[tuple[int, str]]:
+        from sdcli.engine import img2img_schedule
+
+        own = super().schedules(r)
+        if not r.hires_scale:
+            return own
+        return own + [(img2img_schedule(r.hires_steps or r.steps, r.hires_strength),
+                       "the hires pass (--hires-steps / --hires-strength)")]
+
     def steps_run(self, r: Request, cfg) -> int:
         return r.steps + ((r.hires_steps or r.steps) if r.hires_scale else 0)
 

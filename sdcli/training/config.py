@@ -112,8 +112,8 @@ class DiffusionObjective:
                              f"{self.min_timestep} and {self.max_timestep}")
         if not 0 <= self.caption_dropout <= 1:
             raise SdcliError(f"--caption-dropout must be in [0, 1], not {self.caption_dropout}")
-        if type(self.validation_steps) is not int or self.validation_steps < 1:
-            raise SdcliError(f"--validation-steps must be an integer >= 1, not {self.validation_steps}")
+        if type(self.validation_steps) is not int or not 1 <= self.validation_steps <= 1000:
+            raise SdcliError(f"--validation-steps must be an integer from 1 to 1000, not {self.validation_steps}")
 
 
 def _flag(name: str) -> str:
