@@ -52,10 +52,13 @@ class Request:
     output: str | None = None  # file, folder, template or "-"; None: outputs/{seed}-{prompt}.png
     lora: tuple[str, ...] = ()  # --lora FILE[:WEIGHT], repeatable and adding up (flags, then a line's): each
     #                             becomes a <lora:...> tag at the end of the prompt (networks.tags.with_lora_tags)
-    # SDXL's size conditioning: "WxH" the image is said to have had before a crop at "TOP,LEFT" (A1111 and
-    # diffusers: the size rendered, uncropped)
+    # SDXL: the size "WxH" the image is said to have had before a crop at "TOP,LEFT" (None: the size rendered,
+    # uncropped, as A1111 and diffusers); --refiner's hand-off and the scores its conditioning takes
     original_size: str | None = None
     crop_coords: str | None = None
+    refiner_switch: float | None = None  # the fraction of the steps the base model denoises; None: 0.8
+    aesthetic_score: float | None = None  # of the prompt and of the negative prompt; None: 6 and 2.5
+    negative_aesthetic_score: float | None = None
     # img2img and inpaint
     image: str | None = None  # the input image; its size (rounded down to multiples of 8) unless -W/-H
     strength: float | None = None  # runs the last int(steps * strength) steps; None: 0.75 img2img, 1 inpaint
@@ -77,7 +80,7 @@ class Request:
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
-RUN_KEYS = ("model", "vae", "prediction", "precision", "device")
+RUN_KEYS = ("model", "vae", "refiner", "prediction", "precision", "device")
 REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 # field -> int, float, str or tuple (of str; Optional unwrapped)
 _TYPES = {k: tuple if typing.get_origin(t) is tuple else
@@ -170,7 +173,7 @@ def _validate(r: Request) -> None:
     from sdcli.networks.tags import loras_in, parse_lora_option, strip_tags
     from sdcli.prompting import parse_prompt_attention
     from sdcli.sampling import SAMPLERS, SCHEDULE_NAMES
-    from sdcli.tasks.base import size_conditioning
+    from sdcli.tasks.base import sdxl_sampling
 
     def bad(message: str):
         raise SdcliError(message)
@@ -223,7 +226,7 @@ def _validate(r: Request) -> None:
         bad(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {shown(r.resize)}")
     if r.output is not None:
         check_output_name(r.output)
-    size_conditioning(r)
+    sdxl_sampling(r)
     if len(r.lora) > MAX_LIST:
         bad(f"--lora is given {len(r.lora):,} times: at most {MAX_LIST}")
     for entry in r.lora:
@@ -291,7 +294,7 @@ def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
 
 
 def check_run(settings: dict, where: str) -> dict:
-    """Per-run settings (model, vae, prediction, precision, device) from a preset or an image: text only."""
+    """Per-run settings (model, vae, refiner, prediction, ...) from a preset or an image: text only."""
     for key, value in settings.items():
         if value is not None and (not isinstance(value, str) or not value or not _nameable(value)):
             raise SdcliError(f"{where}: {key} must be text (a path or a name), not {shown(value)}")

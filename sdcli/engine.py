@@ -4,6 +4,7 @@ prepare the timesteps and latents, denoise, decode); the tasks (sdcli.tasks) put
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class Sampling:
     crop: tuple[int, int] = (0, 0)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    refiner_switch: float = 0.8  # with a refiner: the fraction of the training timesteps the base denoises
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
@@ -51,6 +53,11 @@ class Batch:
     @property
     def sigma_last(self) -> float:
         return float(self.sigmas[-1])
+
+    def split(self, k: int) -> tuple[Batch, Batch]:
+        """(the first k steps, the rest): both parts share the generators, so noise draws go on in order."""
+        return (dataclasses.replace(self, sigmas=self.sigmas[:k + 1]),
+                dataclasses.replace(self, sigmas=self.sigmas[k:]))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -84,8 +91,9 @@ class Engine:
     """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
 
     def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None,
-                 loras: Loras | None = None, embeddings=None):
+                 loras: Loras | None = None, embeddings=None, refiner: Engine | None = None):
         self.model, self.device, self.precision = model, device, precision
+        self.refiner = refiner  # an SDXL refiner's engine, which finishes every image after the switch
         self.vae_tiling = vae_tiling  # None: tile the VAE only above tiling.AUTO_TILING_AREA
         self.loras = loras or Loras([])  # the prompts' <lora:...> tags: found there, merged into the weights
         self.embeddings = embeddings  # networks.embeddings.Embeddings: the prompts' textual inversions, or None
@@ -196,6 +204,32 @@ class Engine:
                  if sampler.stochastic else None)
         with torch.inference_mode(), self.autocast():
             return sampler.fn(model or self.denoiser, x, batch.sigmas, extra, batch.callback, noise).float()
+
+    def handoff(self, batch: Batch) -> int:
+        """The steps the base runs before the refiner takes over (all of them without a refiner): those at
+        timesteps t >= round(T * (1 - switch)), as diffusers' denoising_end / denoising_start split them."""
+        steps = len(batch.sigmas) - 1
+        if self.refiner is None:
+            return steps
+        T = self.cfg.schedule.num_train_timesteps
+        cutoff = round(T - batch.s.refiner_switch * T)
+        t = self.table.sigma_to_t(batch.sigmas[:-1].double())
+        return int((t >= cutoff - 1e-6).sum())  # the levels decrease: a prefix of the steps
+
+    def denoise_and_decode(self, x: torch.Tensor, batch: Batch, cond: Conditioning, uncond: Conditioning | None,
+                           text: tuple[str, str], tile: tuple[int, int] | None = None) -> torch.Tensor:
+        """4. denoise and 5. decode: with a refiner, the base denoises up to the switch, then the refiner
+        (the prompts `text` encoded for its own text encoder) finishes the same latents and decodes them."""
+        k = self.handoff(batch)
+        base, rest = batch.split(k)
+        latents = self.denoise(x, base, cond, uncond, model=self.tiled(tile))
+        if k == len(batch.sigmas) - 1:
+            return self.decode(latents, batch.sigma_last)
+        refiner = self.refiner
+        r_cond, r_uncond = refiner.encode(strip_tags(text[0]), strip_tags(text[1]), batch.s.clip_skip,
+                                          batch.s.cfg_scale)  # the prompts' LoRAs are the base model's
+        latents = refiner.denoise(latents, rest, r_cond, r_uncond, model=refiner.tiled(tile))
+        return refiner.decode(latents, batch.sigma_last)
 
     def tiled(self, tile: tuple[int, int] | None):
         """The guided denoiser run in tiles of (size, overlap) image pixels, or None (untiled) for None."""

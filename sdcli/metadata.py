@@ -121,6 +121,9 @@ def to_parameters(record: dict) -> str:
         "Hires upscale": _number(hires) if hires else None,
         "Hires steps": record.get("hires_steps") if hires else None,
         "Hires upscaler": "Lanczos" if hires else None,
+        "Refiner": (f"{record['refiner']} [{record['refiner_hash']}]" if record.get("refiner_hash")
+                    else record["refiner"]) if record.get("refiner") else None,
+        "Refiner switch at": _number(record.get("refiner_switch") or 0.8) if record.get("refiner") else None,
         # sdcli's own keys (A1111 keeps unknown keys after its own and before Version): the upscale settings,
         # and the prediction type (a v-prediction image can't be re-rendered as eps)
         "Upscale": _number(record["scale"]) if record.get("scale") else None,
@@ -159,7 +162,8 @@ _NUMBERS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": 
             "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", int),
             "Masked area padding": ("crop_to_mask", int), "Hires upscale": ("hires_scale", float),
             "Hires steps": ("hires_steps", int), "Upscale": ("scale", float), "Noise level": ("noise_level", int),
-            "Tile size": ("tile", int), "Tile overlap": ("tile_overlap", int)}
+            "Tile size": ("tile", int), "Tile overlap": ("tile_overlap", int),
+            "Refiner switch at": ("refiner_switch", float)}
 
 
 def _parse_setting(key: str, value: str) -> dict | None:
@@ -187,6 +191,9 @@ def _parse_setting(key: str, value: str) -> dict | None:
         return {"prediction": value} if value in ("eps", "v") else None
     if key in ("Lora hashes", "TI hashes"):  # what the prompt's tags and words used: compared, not reproduced
         return {key.split()[0].lower() + "_hashes": _read_hashes(value)}
+    if key == "Refiner":  # "NAME [hash]", as A1111 writes it
+        m = re.fullmatch(r"(.*?)(?: \[([0-9a-fA-F]+)\])?", value.strip())
+        return {"refiner": m[1], **({"refiner_hash": m[2]} if m[2] else {})}
     text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "Version": "version"}
     if key in text_fields:
         return {text_fields[key]: value}
@@ -350,7 +357,8 @@ def read_png(path) -> dict:
 def _typed(record: dict) -> dict:
     """An sdcli record with the fields that are not options (so not checked by batch.merge) of the right type, or
     dropped: the job key for --resume, A1111's extra settings, the model's hash and name."""
-    kinds = {"job": str, "extra": dict, "model_hash": str, "model": str, "lora_hashes": dict, "ti_hashes": dict}
+    kinds = {"job": str, "extra": dict, "model_hash": str, "model": str, "lora_hashes": dict, "ti_hashes": dict,
+             "refiner": str, "refiner_hash": str, "refiner_path": str}
     record = {k: v for k, v in record.items() if k not in kinds or isinstance(v, kinds[k])}
     for key in ("extra", "lora_hashes", "ti_hashes"):
         if key in record:

@@ -48,6 +48,7 @@ class Run:
     opts: RunFlags
     loras: object  # networks.loras.Loras: every LoRA the prompts name, found and checked against the model
     embeddings: object  # networks.embeddings.Embeddings, or None without --embeddings-dir
+    refiner: object = None  # --refiner's checkpoint (loading.inspect_model's), or None
 
     @property
     def model_name(self) -> str:
@@ -68,6 +69,7 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
         record = read_png(from_image)
         base = merge(base, {k: record[k] for k in rerender_keys(task) if record.get(k) is not None}, from_image)
         stored = {"model": record.get("model_path"), "vae": record.get("vae_path"),
+                  "refiner": record.get("refiner_path") if task.refines else None,
                   "prediction": record.get("prediction")}
         run_settings.update(check_run({k: v for k, v in stored.items() if v is not None}, from_image))
     if preset:  # a preset serves every command: what this one does not take is left out
@@ -79,6 +81,8 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
     run_settings.update({k: v for k, v in run.items() if v is not None})
     if not run_settings.get("model") and os.environ.get("SDCLI_MODEL"):
         run_settings["model"] = os.environ["SDCLI_MODEL"]
+    if record and not run_settings.get("refiner") and base.refiner_switch == record.get("refiner_switch"):
+        base = dataclasses.replace(base, refiner_switch=None)  # its refiner is not here (_explain_differences)
 
     if images and prompt == "-":
         raise SdcliError("--prompt - reads prompts from stdin, which IMAGE arguments leave no room for: give the "
@@ -136,19 +140,39 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
     task.check_model(cfg, model_path)
+    refiner = _refiner(task, settings.get("refiner"), cfg, model_path)
     if record:
         requests = task.adopt_record(requests, record, flags, cfg)
-    requests = [task.resolve(r, cfg) for r in requests]
+    requests = [task.resolve(r, cfg, refined=refiner is not None) for r in requests]
     loras, embeddings = prepare_networks(requests, settings, checkpoint)
 
     owned = not distributed.initialized()  # leave a process group made by someone else (a training run) alone
     distributed.init(device.type)
     try:
         _plan_and_render(Run(task, requests, sources, model_path, checkpoint, device, precision, settings, record,
-                             from_image, opts, loras, embeddings))
+                             from_image, opts, loras, embeddings, refiner))
     finally:
         if owned:
             distributed.cleanup()
+
+
+def _refiner(task: Task, path: str | None, cfg, model_path: str):
+    """--refiner's checkpoint (inspect_model's), checked against the base model, or None without one."""
+    if path is None:
+        return None
+    from sdcli.loading import inspect_model
+    from sdcli.tasks.base import a_model
+
+    if not task.refines:
+        raise SdcliError(f"--refiner finishes the images of generate and img2img, not of {task.command}: leave it out")
+    refiner = inspect_model(path)
+    if refiner.config.task != "refiner":
+        raise SdcliError(f"--refiner {path} is {a_model(refiner.config)}, not an SDXL refiner: give the refiner "
+                         "(e.g. sd_xl_refiner_1.0.safetensors), or pass this model as --model")
+    if cfg.task == "refiner" or "original_width" not in cfg.kind.added:
+        raise SdcliError(f"--refiner finishes an SDXL base model's images; {model_path} is {a_model(cfg)}: give "
+                         "an SDXL base as --model, or leave --refiner out")
+    return refiner
 
 
 def _load_inputs(task: Task, requests: list[Request]) -> dict:
@@ -214,8 +238,11 @@ def _plan_and_render(run: Run) -> None:
     if (ignored := ignored_tags(run.requests)) and rank == 0:
         console.message(f"note: sdcli does not load {', '.join(ignored)} (only <lora:...> extra networks): "
                         "left out of the prompt")
+    refiner = run.refiner and Engine(run.refiner.load(run.device), run.device, run.precision,
+                                     vae_tiling=run.settings.get("vae_tiling"), embeddings=run.embeddings)
     engine = Engine(run.checkpoint.load(run.device), run.device, run.precision,
-                    vae_tiling=run.settings.get("vae_tiling"), loras=run.loras, embeddings=run.embeddings)
+                    vae_tiling=run.settings.get("vae_tiling"), loras=run.loras, embeddings=run.embeddings,
+                    refiner=refiner)
     vae = run.settings.get("vae")
     digest = model_hash(run.model_path)
     if run.record and rank == 0:
@@ -223,6 +250,10 @@ def _plan_and_render(run: Run) -> None:
     common = dict(model=run.model_name, model_path=str(Path(run.model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=run.precision, version=f"sdcli {__version__}")
+    if run.refiner:
+        path = Path(run.settings["refiner"])
+        common.update(refiner=path.stem if path.is_file() else path.resolve().name,
+                      refiner_path=str(path.resolve()), refiner_hash=model_hash(str(path)))
     render(run, engine, jobs, common, console, total=total)
 
 
@@ -247,7 +278,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
     run's images, when `jobs` is this process's share of them (under torchrun)."""
     from sdcli.engine import Sampling
     from sdcli.tasks import rerender_keys
-    from sdcli.tasks.base import size_conditioning
+    from sdcli.tasks.base import sdxl_sampling
 
     task, opts, keys = run.task, run.opts, rerender_keys(run.task)
     total = len(jobs) if total is None else total
@@ -258,8 +289,7 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                 r = group[0].request
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{total}"
                 start = time.perf_counter()
-                original, crop = size_conditioning(r)  # checked with the request
-                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, original, crop)
+                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, **sdxl_sampling(r))
                 with bar.image(label, task.steps_run(r, engine.cfg)) as step:
                     images, extra = task.render(engine, r, s, [j.request.seed for j in group], run.sources, step)
                 seconds = (time.perf_counter() - start) / len(group)
@@ -289,6 +319,9 @@ def _explain_differences(record: dict, source: str, digest: str | None, engine, 
 
     if record.get("extra"):  # A1111 settings we have no counterpart for (hires fix, variation seeds, ...)
         console.message(f"note: {source}: not reproduced: {', '.join(record['extra'])}", force=True)
+    if record.get("refiner") and engine.refiner is None:
+        console.message(f"note: {source} was finished by the refiner {record['refiner']}: give --refiner to do the "
+                        "same", force=True)
     if record.get("model_hash") and digest and record["model_hash"] != digest:
         console.message(f"note: {source} was made with model {record.get('model', '?')} (hash "
                         f"{record['model_hash']}); this model's hash is {digest}", force=True)

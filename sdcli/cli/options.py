@@ -73,6 +73,20 @@ OriginalSizeOpt = Annotated[Optional[str], typer.Option(
 CropCoordsOpt = Annotated[Optional[str], typer.Option(
     "--crop-coords", metavar="TOP,LEFT", show_default=False,
     help="SDXL's size conditioning: where the image is said to have been cropped from. [default: 0,0]")]
+RefinerOpt = Annotated[Optional[str], typer.Option(
+    "--refiner", metavar="PATH", show_default=False,
+    help="An SDXL refiner (.safetensors or diffusers folder) that finishes each image of the SDXL base model "
+         "after --refiner-switch, on the same latents (A1111's Refiner).")]
+RefinerSwitchOpt = Annotated[Optional[float], typer.Option(
+    "--refiner-switch", metavar="F", show_default=False,
+    help="The fraction of the denoising (of the training timesteps, as diffusers' denoising_end) the base runs "
+         "before --refiner takes over. [default: 0.8]")]
+AestheticOpt = Annotated[Optional[float], typer.Option(
+    "--aesthetic-score", show_default=False,
+    help="SDXL refiners: the aesthetic score (0-10) the prompt's conditioning asks for. [default: 6]")]
+NegativeAestheticOpt = Annotated[Optional[float], typer.Option(
+    "--negative-aesthetic-score", show_default=False,
+    help="SDXL refiners: the score of the negative prompt's conditioning. [default: 2.5]")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", metavar="PATH", show_default=False,
     help="A .safetensors checkpoint or a diffusers model folder. [default: a preset's or --from-image's model, "

@@ -6,11 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from sdcli.cli.options import (BatchSizeOpt, CfgOpt, ClipSkipOpt, DeviceOpt, EmbeddingsDirOpt, HeightOpt, ImageOpt,
-                               JsonOpt, LoraDirOpt, LoraOpt, ModelOpt, NegativeOpt, NImagesOpt, OutputOpt,
-                               OriginalSizeOpt, CropCoordsOpt, OverwriteOpt, PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, ResizeOpt,
-                               SamplerOpt, ScheduleOpt, SeedOpt, StepsOpt, StrengthOpt, TileOpt, TileOverlapOpt, VaeOpt,
-                               VaeTilingOpt, WidthOpt, shared_options)
+from sdcli.cli.options import (AestheticOpt, BatchSizeOpt, CfgOpt, ClipSkipOpt, CropCoordsOpt, DeviceOpt,
+                               EmbeddingsDirOpt, HeightOpt, ImageOpt, JsonOpt, LoraDirOpt, LoraOpt, ModelOpt,
+                               NegativeAestheticOpt, NegativeOpt, NImagesOpt, OriginalSizeOpt, OutputOpt, OverwriteOpt,
+                               PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, RefinerOpt,
+                               RefinerSwitchOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt, StepsOpt, StrengthOpt,
+                               TileOpt, TileOverlapOpt, VaeOpt, VaeTilingOpt, WidthOpt, shared_options)
 
 
 def _render_options(
@@ -61,11 +62,12 @@ _FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "s
               "n_images", "batch_size", "clip_skip", "output", "lora", "original_size", "crop_coords")
 
 
-def _render(task: str, o: dict, images: list[str] | None = None, **task_flags) -> None:
+def _render(task: str, o: dict, images: list[str] | None = None, refiner: str | None = None, **task_flags) -> None:
     from sdcli.render import RunFlags, generate as run
 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
-    settings = dict(model=o["model"], vae=o["vae"], prediction=o["prediction"].value if o["prediction"] else None,
+    settings = dict(model=o["model"], vae=o["vae"], refiner=refiner,
+                    prediction=o["prediction"].value if o["prediction"] else None,
                     device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None,
                     lora_dir=o["lora_dir"], embeddings_dir=o["embeddings_dir"])
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
@@ -87,10 +89,15 @@ def generate(
              "[default: --steps]")] = None,
     tile: TileOpt = None,
     tile_overlap: TileOverlapOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegativeAestheticOpt = None,
 ):
     """Text to image. The model is loaded once for a whole batch of prompts."""
-    _render("txt2img", options, hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-            tile=tile, tile_overlap=tile_overlap)
+    _render("txt2img", options, refiner=refiner, hires_scale=hires_scale, hires_strength=hires_strength,
+            hires_steps=hires_steps, tile=tile, tile_overlap=tile_overlap, refiner_switch=refiner_switch,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
 
 
 @render_command
@@ -99,9 +106,16 @@ def img2img(
     image: ImageOpt = None,
     strength: StrengthOpt = None,
     resize: ResizeOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegativeAestheticOpt = None,
 ):
-    """Image to image: re-render an image guided by a prompt, keeping its composition."""
-    _render("img2img", options, image=image, strength=strength, resize=resize)
+    """Image to image: re-render an image guided by a prompt, keeping its composition. An SDXL refiner works
+    here alone, or finishes an SDXL base's steps as --refiner."""
+    _render("img2img", options, refiner=refiner, image=image, strength=strength, resize=resize,
+            refiner_switch=refiner_switch, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score)
 
 
 @render_command

@@ -25,6 +25,11 @@ def within(width: int, height: int, what: str, fix: str) -> tuple[int, int]:
     return width, height
 
 
+def a_model(cfg) -> str:
+    """'an SDXL refiner model', 'a x4 upscaler model': what a model is, for messages."""
+    return f"a{'n' if cfg.variant[0] in 'S' else ''} {cfg.variant} model"
+
+
 def cached(sources: dict, key: tuple, make):
     """`sources` ({path: PIL image} of the run's inputs) doubles as the run's cache of what they give (hashes,
     fitted tensors): the same tensor for every batch of a request, so the engine encodes an image once."""
@@ -46,6 +51,7 @@ class Task:
     models: tuple[str, ...] = ("txt2img",)  # the model kinds (cfg.task) it renders with
     output_name: str = NAME  # the file name template in an output folder
     needs_prompt: bool = True
+    refines: bool = False  # whether a --refiner may finish its images
     image_hint: str | None = None  # how to give the input image, for the tasks that need one
     default_strength: float | None = None  # for the tasks that start from an image's latents
 
@@ -54,15 +60,15 @@ class Task:
             wanted = " or ".join(MODEL_KINDS[t] for t in self.models)
             hint = " (it finishes a base model's images: give it as --refiner, or use it with img2img)" \
                 if cfg.task == "refiner" else ""
-            raise SdcliError(f"{model_path} is a{'n' if cfg.variant[0] in 'S' else ''} {cfg.variant} model{hint}; "
-                             f"{self.command} needs {wanted} model")
+            raise SdcliError(f"{model_path} is {a_model(cfg)}{hint}; {self.command} needs {wanted} model")
 
     def adopt_record(self, requests: list[Request], record: dict, flags: dict, cfg) -> list[Request]:
         """--from-image: the requests built on the image's record, once the model is known."""
         return requests
 
-    def resolve(self, r: Request, cfg) -> Request:
-        """The task's defaults that depend on the model, and the checks that need it."""
+    def resolve(self, r: Request, cfg, refined: bool = False) -> Request:
+        """The task's defaults that depend on the model, and the checks that need it. `refined`: a --refiner
+        finishes the images."""
         from sdcli.sampling import SAMPLERS, check_steps
 
         r = self.defaults(r, cfg)
@@ -71,6 +77,12 @@ class Task:
         if (r.original_size or r.crop_coords) and "original_width" not in cfg.kind.added:
             raise SdcliError(f"--original-size and --crop-coords condition SDXL models; this is a {cfg.variant} "
                              "model: leave them out")
+        scores = r.aesthetic_score is not None or r.negative_aesthetic_score is not None
+        if scores and "aesthetic_score" not in cfg.kind.added and not refined:
+            raise SdcliError(f"--aesthetic-score and --negative-aesthetic-score condition SDXL refiners; this is a "
+                             f"{cfg.variant} model: leave them out, or give a refiner with --refiner")
+        if r.refiner_switch is not None and not refined:
+            raise SdcliError("--refiner-switch says when --refiner takes over: give --refiner MODEL too")
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
@@ -130,8 +142,14 @@ class Task:
         return r
 
 
-def size_conditioning(r: Request) -> tuple[tuple[int, int] | None, tuple[int, int]]:
-    """SDXL's --original-size WxH and --crop-coords TOP,LEFT -> ((width, height) or None, (top, left))."""
+REFINER_SWITCH, AESTHETIC_SCORES = 0.8, (6.0, 2.5)  # A1111's "Refiner switch at"; diffusers' refiner defaults
+REFINER_KEYS = ("refiner_switch", "aesthetic_score", "negative_aesthetic_score")  # generate's and img2img's
+
+
+def sdxl_sampling(r: Request) -> dict:
+    """The request's SDXL settings as engine.Sampling's fields, defaults filled in, or a one-line error:
+    --original-size WxH and --crop-coords TOP,LEFT -> original_size (width, height) or None, crop (top, left);
+    --refiner-switch, --aesthetic-score and --negative-aesthetic-score."""
     def numbers(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
         if text is None:
             return None
@@ -144,8 +162,19 @@ def size_conditioning(r: Request) -> tuple[tuple[int, int] | None, tuple[int, in
                              f"{MAX_SIZE} px")
         return a, b
 
-    return (numbers(r.original_size, "x", "--original-size", "1024x1024"),
-            numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0))
+    if r.refiner_switch is not None and not 0 < r.refiner_switch <= 1:
+        raise SdcliError(f"--refiner-switch must be above 0 and at most 1 (the fraction of the steps the base "
+                         f"model runs), not {shown(r.refiner_switch)}")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if (value := getattr(r, name)) is not None and not 0 <= value <= 10:
+            raise SdcliError(f"--{name.replace('_', '-')} must be between 0 and 10 (the scale of the LAION "
+                             f"aesthetic scores the refiner was trained on), not {shown(value)}")
+    return dict(original_size=numbers(r.original_size, "x", "--original-size", "1024x1024"),
+                crop=numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0),
+                refiner_switch=REFINER_SWITCH if r.refiner_switch is None else r.refiner_switch,
+                aesthetic_score=AESTHETIC_SCORES[0] if r.aesthetic_score is None else r.aesthetic_score,
+                negative_aesthetic_score=AESTHETIC_SCORES[1] if r.negative_aesthetic_score is None
+                else r.negative_aesthetic_score)
 
 
 def with_tiles(r: Request) -> Request:

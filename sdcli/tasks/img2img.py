@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from sdcli.batch import Request
-from sdcli.tasks.base import Task, cached, within
+from sdcli.tasks.base import REFINER_KEYS, Task, cached, within
 
 if TYPE_CHECKING:  # the tasks import no torch: the CLI checks requests before it loads
     import torch
@@ -25,15 +25,17 @@ def img2img(engine: Engine, image: torch.Tensor, prompt: str, s: Sampling, seeds
     # 3. prepare latents: the image's latents (a posterior sample each), noised to the level the strength starts at
     x0 = engine.encode_image(image, batch.generators)
     x = engine.prepare_latents(batch, tuple(x0.shape[1:]), x0)
-    # 4. denoise
-    latents = engine.denoise(x, batch, cond, uncond, model=engine.tiled(tile))
-    # 5. decode
-    return engine.decode(latents, batch.sigma_last)
+    # 4. denoise and 5. decode (with --refiner, the refiner finishes after its switch)
+    return engine.denoise_and_decode(x, batch, cond, uncond, (prompt, negative_prompt), tile)
+
+
+IMAGE_KEYS = ("width", "height", "image", "strength", "resize")  # of the tasks that start from an image
 
 
 class Img2Img(Task):
     name = command = "img2img"
-    keys = ("width", "height", "image", "strength", "resize")
+    refines = True
+    keys = (*IMAGE_KEYS, *REFINER_KEYS)
     models = ("txt2img", "refiner")  # an SDXL refiner works alone as an img2img model
     image_hint = "--image IN.png"
     default_strength = 0.75  # diffusers'

@@ -9,7 +9,7 @@ from sdcli import distributed
 from sdcli.batch import Request
 from sdcli.errors import SdcliError
 from sdcli.tasks.base import cached, scaled, within
-from sdcli.tasks.img2img import Img2Img
+from sdcli.tasks.img2img import IMAGE_KEYS, Img2Img
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +53,9 @@ def inpaint(engine: Engine, image: torch.Tensor, mask: torch.Tensor, prompt: str
 
 class Inpaint(Img2Img):
     name = command = "inpaint"
-    keys = (*Img2Img.keys, "mask", "invert_mask", "mask_blur", "extend", "crop_to_mask")
+    keys = (*IMAGE_KEYS, "mask", "invert_mask", "mask_blur", "extend", "crop_to_mask")
     models = ("txt2img", "inpainting")
+    refines = False  # its known region is blended in by the base's denoiser
     default_strength = 1.0  # diffusers'
 
     def check(self, r: Request) -> None:

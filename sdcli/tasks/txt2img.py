@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from sdcli.batch import HIRES_STRENGTH, Request
 from sdcli.errors import SdcliError
-from sdcli.tasks.base import Task, scaled, with_tiles, within
+from sdcli.tasks.base import REFINER_KEYS, Task, scaled, with_tiles, within
 from sdcli.tasks.img2img import img2img
 
 if TYPE_CHECKING:
@@ -27,15 +27,14 @@ def txt2img(engine: Engine, prompt: str, s: Sampling, seeds: list[int], *, width
     batch = engine.batch(s, seeds, callback=callback)
     # 3. prepare latents: noise at the first sigma
     x = engine.prepare_latents(batch, engine.latent_shape(width, height))
-    # 4. denoise
-    latents = engine.denoise(x, batch, cond, uncond)
-    # 5. decode
-    return engine.decode(latents, batch.sigma_last)
+    # 4. denoise and 5. decode (with --refiner, the refiner finishes after its switch)
+    return engine.denoise_and_decode(x, batch, cond, uncond, (prompt, negative_prompt))
 
 
 class Txt2Img(Task):
     name, command = "txt2img", "generate"
-    keys = ("width", "height", "hires_scale", *_HIRES_ONLY)
+    refines = True
+    keys = ("width", "height", "hires_scale", *_HIRES_ONLY, *REFINER_KEYS)
 
     def defaults(self, r: Request, cfg) -> Request:
         if not r.hires_scale:
