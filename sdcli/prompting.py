@@ -119,13 +119,16 @@ PLACEHOLDER = 0  # the id A1111 gives an embedding's positions (its token embedd
 
 
 def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtrack: int = 20,
-                    embeddings=None, width: int | None = None) -> PromptChunks:
+                    embeddings=None, width: int | None = None, role: str | None = None,
+                    variant: str | None = None) -> PromptChunks:
     """Split a prompt into chunks of `chunk_length` tokens as A1111 does.
 
     BREAK closes the current chunk. When a chunk is full and its last comma is at most `comma_backtrack`
     tokens from its end, the tokens after that comma start the next chunk instead (0 turns this off).
     With `embeddings` (a networks.embeddings.Embeddings) the names of embeddings in the prompt stand for their
     vectors (`width` wide): n positions of the chunk, all in one chunk (one that does not fit starts the next).
+    `role` and `variant`: the text encoder's and the model's, for Embeddings.vectors (SDXL's encoders each take
+    their own tensor of an embedding).
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
@@ -133,7 +136,7 @@ def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtr
     if comma == tokenizer.unk_token_id:  # a vocabulary without it: no comma backtracking
         comma = None
     parsed = parse_prompt_attention(prompt)
-    units = _units(tokenizer, parsed, embeddings, width, chunk_length)
+    units = _units(tokenizer, parsed, embeddings, (width, role, variant), chunk_length)
 
     chunks: list[tuple[list[int], list[float]]] = []
     fixes: list[tuple[int, int, torch.Tensor]] = []
@@ -191,16 +194,16 @@ def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtr
                         tuple(fixes))
 
 
-def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, width: int | None,
-           chunk_length: int) -> list[list]:
-    """Each fragment's token ids, with an embedding's vectors [n, width] in place of its name."""
+def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, encoder: tuple, chunk_length: int) -> list[list]:
+    """Each fragment's token ids, with an embedding's vectors [n, width] in place of its name (`encoder`: the
+    (width, role, variant) that Embeddings.vectors takes)."""
     # verbose=False: prompts longer than model_max_length are the point here, not a mistake to warn about
     def tokenize(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     if embeddings is None:
         return tokenize([t for t, _ in parsed])
-    if width is None:
+    if encoder[0] is None:
         raise ValueError("tokenize_prompt needs the text encoder's width to use embeddings")
     pieces = [[] if (t, w) == ("BREAK", BREAK_WEIGHT) else embeddings.split(t) for t, w in parsed]
     texts = [p.text for fragment in pieces for p in fragment if p.embedding is None]
@@ -212,7 +215,7 @@ def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, width: int | 
             if p.embedding is None:
                 units += next(ids)
                 continue
-            vec = embeddings.vectors(p.embedding, width)
+            vec = embeddings.vectors(p.embedding, *encoder)
             if vec.shape[0] > chunk_length:
                 raise SdcliError(f"the embedding {shown(p.embedding)} holds {vec.shape[0]} vectors: at most "
                                  f"{chunk_length} fit in one prompt chunk")
@@ -232,24 +235,30 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1, embeddings=Non
     """
     import torch
 
+    from sdcli.networks import encoder_roles
+
     hidden, vectors = [], None
     encoders = model.text_encoders
-    for i, (encoder, tokenizer) in enumerate(encoders):
+    roles = encoder_roles(model.cfg)  # which of an SDXL embedding's tensors each encoder takes
+    for i, ((encoder, tokenizer), role) in enumerate(zip(encoders, roles, strict=True)):
         last = i == len(encoders) - 1
-        h, vectors = _encode_with(encoder, tokenizer, prompts, clip_skip, embeddings, pooled and last)
+        h, vectors = _encode_with(encoder, tokenizer, prompts, clip_skip, embeddings, pooled and last, role,
+                                  model.cfg.variant)
         hidden.append(h)
     context = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
     return (context, vectors) if pooled else context
 
 
-def _encode_with(encoder, tokenizer, prompts: list[str], clip_skip: int, embeddings, pooled: bool):
-    """One text encoder's encode_prompts: -> ([P, 77 * k, width], [P, projection_dim] or None)."""
+def _encode_with(encoder, tokenizer, prompts: list[str], clip_skip: int, embeddings, pooled: bool,
+                 role: str | None, variant: str):
+    """One text encoder's encode_prompts: -> ([P, 77 * k, width], [P, projection_dim] or None). `role`: the
+    encoder's networks.encoder_roles entry; `variant`: the model's (both for Embeddings.vectors)."""
     import torch
 
     cfg = encoder.cfg
     chunk_length = cfg.max_positions - 2
-    per_prompt = [tokenize_prompt(tokenizer, p, chunk_length, embeddings=embeddings, width=cfg.width)
-                  for p in prompts]
+    per_prompt = [tokenize_prompt(tokenizer, p, chunk_length, embeddings=embeddings, width=cfg.width, role=role,
+                                  variant=variant) for p in prompts]
     counts = [c.ids.shape[0] for c in per_prompt]
     k = max(counts)
     parts = list(per_prompt)

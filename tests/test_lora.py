@@ -211,7 +211,7 @@ def test_preset_and_json_line_lora(sd1, loras, run_cli, tmp_path):
 def test_info_describes_a_lora(loras, run_cli):
     code, out, err = run_cli("info", loras["kohya"])
     assert code == 0, err
-    assert "kohya-ss" in out and "UNet and text encoder" in out and "rank          4" in out
+    assert "kohya-ss" in out and "UNet, text encoder; " in out and "rank          4" in out
     assert "alpha         2" in out and "SD 1.x" in out and "ss_network_dim" in out
     code, out, err = run_cli("info", loras["peft"], "--json")
     summary = strict_json(out)
@@ -226,7 +226,7 @@ def strict_json(text: str):
 
 
 def test_info_describes_an_embedding(run_cli, tmp_path):
-    """The two kinds of file embeddings.read_embedding reads: kohya's safetensors and A1111's own .pt."""
+    """The two kinds of file embeddings.read_vectors reads: kohya's safetensors and A1111's own .pt."""
     from safetensors.torch import save_file
 
     save_file({"emb_params": torch.randn(3, 768)}, str(tmp_path / "style.safetensors"))

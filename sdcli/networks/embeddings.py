@@ -5,6 +5,10 @@ A1111 (modules/textual_inversion/textual_inversion.py) reads, in this order: `st
 dict may be a pickled ParameterDict, read through its `_parameters`), `clip_g` + `clip_l` (SDXL), then a dict of
 exactly one tensor (diffusers' {"<token>": tensor}, kohya's {"emb_params": tensor}); a 1-D tensor is one vector.
 
+SDXL's files hold two tensors, `clip_l` [n, 768] and `clip_g` [n, 1280]: the name stands for clip_l's vectors in
+the CLIP ViT-L encoder and clip_g's in the bigG one (the refiner's only encoder takes clip_g), as A1111's
+textual_inversion_key and diffusers' load_textual_inversion on each encoder.
+
 Names are matched as whole words, case-insensitively (A1111 matches token sequences, and the CLIP tokenizer
 lowercases both the prompt and the name). ComfyUI's spelling `embedding:NAME` (NAME with or without its suffix)
 works too. Nothing in a file runs: pickles are read with torch.load(weights_only=True), safetensors through the
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from sdcli.errors import ModelLoadError, SdcliError, printable, shown
+from sdcli.networks import XL_ROLES
 from sdcli.networks.library import walk
 
 if TYPE_CHECKING:
@@ -34,7 +39,10 @@ COMFY_PREFIX = "embedding:"
 _PIECE = re.compile(r"\w+|[^\w\s]")  # words, and punctuation one character at a time: where a name may start
 _WORD = re.compile(r"\w")
 _COMFY = re.compile(r"(?<!\w)embedding:(?P<name>[^\s,]+)")  # to whitespace or a comma, as ComfyUI reads it
-_WIDTH_HINT = {768: "an embedding for SD 1.x?", 1024: "an embedding for SD 2.x?", 1280: "an embedding for SDXL?"}
+WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}  # a one-tensor embedding's width -> the family it is for
+XL_WIDTHS = {"clip_l": 768, "clip_g": 1280}  # an SDXL embedding's tensors and their widths
+_WIDTH_HINT = {**{w: f"an embedding for {f}?" for w, f in WIDTHS.items()}, 1280: "an embedding for SDXL?"}
+_ENCODER = {None: "text encoder", "clip_l": "CLIP ViT-L text encoder", "clip_g": "OpenCLIP bigG text encoder"}
 
 
 class Piece(NamedTuple):
@@ -52,7 +60,7 @@ class Embeddings:
         self._stems: dict[str, Path] | None = None  # stem -> its file (the first found wins)
         self._files: dict[str, Path] = {}  # file name -> file, for embedding:NAME.suffix
         self._by_start: dict[str, list[str]] = {}  # first piece of a name, lowercased -> names, longest first
-        self._vectors: dict[Path, torch.Tensor] = {}
+        self._vectors: dict[Path, dict[str | None, torch.Tensor]] = {}  # file -> read_vectors'
         self._hashes: dict[Path, str] = {}
 
     # --- the library --------------------------------------------------------------------------------------
@@ -71,16 +79,23 @@ class Embeddings:
                              f"({', '.join(map(str, self.dirs)) or 'none given'}): check the name")
         return path
 
-    def vectors(self, name: str, width: int) -> torch.Tensor:
-        """The embedding's vectors, float32 [n, width] on the CPU (read once)."""
+    def vectors(self, name: str, width: int, role: str | None = None, variant: str | None = None) -> torch.Tensor:
+        """The embedding's vectors for one text encoder, float32 [n, width] on the CPU (the file read once).
+        `role`: the encoder's (networks.encoder_roles: None for SD 1.x/2.x, "clip_l"/"clip_g" for SDXL's);
+        `variant`: the model's name, for the message when the file is for another family."""
         path = self.path(name)
         if path not in self._vectors:
-            self._vectors[path] = read_embedding(path)
-        vec = self._vectors[path]
+            self._vectors[path] = read_vectors(path)
+        found = self._vectors[path]
+        if role not in found:
+            raise ModelLoadError(_other_family(path, found, variant))
+        vec = found[role]
         if vec.shape[1] != width:
             hint = _WIDTH_HINT.get(vec.shape[1], "an embedding for another model family?")
-            raise ModelLoadError(f"{printable(str(path))} holds {vec.shape[1]}-wide vectors; this model's text encoder "
-                                 f"is {width} wide ({hint}): use an embedding made for this model's family")
+            what = f"{role} " if role else ""
+            raise ModelLoadError(f"{printable(str(path))} holds {vec.shape[1]}-wide {what}vectors; this model's "
+                                 f"{_ENCODER[role]} is {width} wide ({hint}): use an embedding made for this model's "
+                                 "family")
         return vec
 
     def short_hash(self, name: str) -> str:
@@ -200,13 +215,55 @@ def list_embedding_files(dirs: list[Path]) -> list[Path]:
     return out
 
 
+def _other_family(path: Path, found: dict, variant: str | None) -> str:
+    """The one-line refusal of an SDXL embedding on a one-encoder model, or of a one-tensor one on SDXL."""
+    model = variant or "this model"
+    if None in found:
+        width = found[None].shape[1]
+        made_for = WIDTHS.get(width, "SD 1.x/2.x")
+        return (f"{printable(str(path))} is an embedding for {made_for} (one {width}-wide tensor); the model is "
+                f"{model}, whose embeddings hold clip_l and clip_g: use an embedding made for SDXL")
+    return (f"{printable(str(path))} is an SDXL embedding (clip_l + clip_g); the model is {model}, whose embeddings "
+            "hold one tensor: use an embedding made for this model's family")
+
+
 # --- reading one file ----------------------------------------------------------------------------------------
 
-def read_embedding(path: Path) -> torch.Tensor:
-    """One embedding file -> its vectors, float32 [n, width], checked (n <= MAX_VECTORS, finite)."""
+def read_vectors(path: Path) -> dict[str | None, torch.Tensor]:
+    """One embedding file -> its vectors by encoder role, float32 [n, width], checked (n <= MAX_VECTORS, finite):
+    {None: vectors} for a one-tensor embedding, {"clip_l": ..., "clip_g": ...} for SDXL's (the same n)."""
     _check_size(path)
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_pickle(path)
-    return _checked(path, _vectors_of(path, data))
+    found = _vectors_of(path, data)
+    if not isinstance(found, dict):
+        return {None: _checked(path, found)}
+    found = {role: _checked(path, vec) for role, vec in found.items()}
+    counts = {role: vec.shape[0] for role, vec in found.items()}
+    if len(set(counts.values())) != 1:  # each encoder's vectors take the same positions of the prompt
+        raise ModelLoadError(f"{printable(str(path))} holds {counts['clip_l']} clip_l vectors and {counts['clip_g']} "
+                             "clip_g vectors: an SDXL embedding has as many of each; the file is damaged")
+    return found
+
+
+def summary(path: Path | str) -> dict | None:
+    """What `sdcli info` shows of an embedding: {"path", "kind": "embedding", "vectors", "width" (one-tensor files)
+    or "widths" ({"clip_l": 768, "clip_g": 1280}, SDXL's), "family"}; None when the file is not an embedding that
+    read_vectors reads at a width some model has (a model, a damaged file, one stray tensor: inspect_model says
+    what it is)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() not in SUFFIXES or not path.is_file():
+            return None
+        found = read_vectors(path)  # bounded: its size is checked first, pickles read as tensors only
+    except (OSError, ModelLoadError):
+        return None
+    head = {"path": str(path), "kind": "embedding"}
+    if None in found:
+        count, width = found[None].shape
+        return {**head, "vectors": count, "width": width, "family": WIDTHS[width]} if width in WIDTHS else None
+    widths = {role: found[role].shape[1] for role in XL_WIDTHS}
+    return {**head, "vectors": found["clip_g"].shape[0], "widths": widths, "family": "SDXL"} \
+        if widths == XL_WIDTHS else None
 
 
 def _check_size(path: Path) -> None:
@@ -280,8 +337,9 @@ def _refusal(e: Exception) -> str:
     return printable(f"it is damaged or not a PyTorch file ({type(e).__name__}: {first}")[:250] + ")"
 
 
-def _vectors_of(path: Path, data) -> torch.Tensor:
-    """A1111's order: string_to_param, then clip_g/clip_l (SDXL), then a dict of one tensor."""
+def _vectors_of(path: Path, data):
+    """A1111's order: string_to_param, then clip_g/clip_l (SDXL: returned as {"clip_l": ..., "clip_g": ...}), then a
+    dict of one tensor. Not yet checked (_checked)."""
     import torch
 
     where = printable(str(path))
@@ -297,8 +355,7 @@ def _vectors_of(path: Path, data) -> torch.Tensor:
             raise ModelLoadError(f"{where} holds {count} terms under string_to_param: an embedding has one")
         return next(iter(params.values()))
     if "clip_g" in data and "clip_l" in data:
-        raise ModelLoadError(f"{where} is an SDXL embedding (clip_l + clip_g); this model is SD 1.x/2.x: use an "
-                             "embedding made for this model's family")
+        return {role: data[role] for role in XL_ROLES.values()}
     if data and isinstance(next(iter(data.values())), torch.Tensor):
         if len(data) != 1:
             names = printable(", ".join(map(str, list(data)[:3])))[:80]

@@ -10,8 +10,10 @@ tensors by role (down, up, mid, alpha, dora_scale, LyCORIS's hada_*/lokr_*, a fu
 
 Module names are looked up in a table built from the model's own weight names (A1111's `name.replace(".", "_")`
 over named_modules), in both the diffusers naming (kohya's for SD 1.x/2.x) and the original one (kohya's SDXL
-and some SD 1.x trainers), so loading is a name lookup plus a strict check (lora_check: sizes from the header,
-then values) that leaves nothing in the file for the merge, per batch, to fail on.
+and some SD 1.x trainers); the text encoders as kohya names them, `lora_te_` for SD 1.x/2.x's one, `lora_te1_` for
+SDXL's CLIP ViT-L and `lora_te2_` for its OpenCLIP bigG (Hugging Face's names in both, as in the model; diffusers'
+`text_encoder.` and `text_encoder_2.`). So loading is a name lookup plus a strict check (lora_check: sizes from the
+header, then values) that leaves nothing in the file for the merge, per batch, to fail on.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from sdcli.errors import ModelLoadError
 from sdcli.loading.files import examples, open_safetensors
 from sdcli.loading.keymaps import unet_diffusers_name
 from sdcli.loading.patch import Patch
-from sdcli.networks import lora_check, lycoris
+from sdcli.networks import encoder_roles, lora_check, lycoris
 from sdcli.networks.tags import LoraUse
 
-UNET, TEXT = "model.diffusion_model.", "cond_stage_model.transformer."  # our weight-name prefixes
+UNET = "model.diffusion_model."  # our UNet weights' prefix (the text encoders': Family.encoders)
 
 # a tensor name's ending -> its role in the module (the name before it is the module's)
 _ROLES = [
@@ -46,6 +48,8 @@ _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.
 # dotted (diffusers) prefixes -> kohya's
 _PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # text (cross-attention) width -> family
+_CONTEXTS = {**FAMILIES, 1280: "SDXL refiner"}  # the refiner's is bigG's alone
+TE_PREFIXES = {None: "lora_te_", "clip_l": "lora_te1_", "clip_g": "lora_te2_"}  # by networks.encoder_roles
 check = lora_check.check  # every module against the model's weights, before it loads (Loras.prepare)
 
 
@@ -64,7 +68,8 @@ class LoraFile:
 
     @property
     def parts(self) -> list[str]:
-        return sorted({"UNet" if m.startswith("lora_unet_") else "text encoder" for m in self.modules})
+        return sorted({"UNet" if m.startswith("lora_unet_") else "text encoder 2" if m.startswith("lora_te2_")
+                       else "text encoder" for m in self.modules})
 
     @property
     def ranks(self) -> list[int]:
@@ -99,8 +104,13 @@ class LoraFile:
             return "SDXL"
         for name, t in self.modules.items():  # the text width that the cross-attention keys read
             if name.endswith("attn2_to_k") and "down" in t and self.shapes[t["down"]]:
-                return FAMILIES.get(self.shapes[t["down"]][-1])
+                return _CONTEXTS.get(self.shapes[t["down"]][-1])
         return None
+
+    @property
+    def dotted(self) -> bool:
+        """diffusers' names (`text_encoder.` is SD 1.x/2.x's one encoder or SDXL's first: see match)."""
+        return any(not t.startswith("lora_") for roles in self.modules.values() for t in roles.values())
 
 
 def read_lora(path: Path) -> LoraFile:
@@ -181,9 +191,11 @@ def _format(modules: dict, tensors: dict) -> str:
 # --- the model's side ------------------------------------------------------------------------------------
 
 def targets(model) -> dict[str, str]:
-    """kohya-style module name -> our weight name, for every Linear and Conv weight of the UNet and text encoder
+    """kohya-style module name -> our weight name, for every Linear and Conv weight of the UNet and text encoders
     (`model`: a StableDiffusion, meta or loaded)."""
     diffusers = unet_diffusers_name(model.cfg.unet)
+    texts = {path + ".transformer.": TE_PREFIXES[role]  # each encoder's CLIPTextModel: Hugging Face's names
+             for (_, path, _), role in zip(model.cfg.kind.encoders, encoder_roles(model.cfg), strict=True)}
     table: dict[str, str] = {}
     for key, w in model.state_dict().items():
         if not key.endswith(".weight") or w.ndim < 2:
@@ -192,23 +204,30 @@ def targets(model) -> dict[str, str]:
             ldm = key[len(UNET):]
             for name in (diffusers(ldm), ldm):
                 table["lora_unet_" + name.removesuffix(".weight").replace(".", "_")] = key
-        elif key.startswith(TEXT):  # text_model.encoder...; files saved by transformers 5 leave text_model out
-            name = key[len(TEXT):].removesuffix(".weight").replace(".", "_")
-            table["lora_te_" + name] = table["lora_te_" + name.removeprefix("text_model_")] = key
+        elif prefix := next((p for p in texts if key.startswith(p)), None):
+            # text_model.encoder...; files saved by transformers 5 leave text_model out
+            name = key[len(prefix):].removesuffix(".weight").replace(".", "_")
+            table[texts[prefix] + name] = table[texts[prefix] + name.removeprefix("text_model_")] = key
     return table
 
 
 def match(lora: LoraFile, table: Mapping[str, str], variant: str) -> dict[str, str]:
     """module -> our weight name for every module, or an error naming the ones that match nothing (and the
     family the LoRA was made for, where it can be told)."""
-    unmatched = [m for m in lora.modules if m not in table]
+    def lookup(module: str) -> str | None:
+        if module not in table and lora.dotted and module.startswith("lora_te_"):  # diffusers' text_encoder.
+            return table.get(TE_PREFIXES["clip_l"] + module.removeprefix("lora_te_"))
+        return table.get(module)
+
+    found = {m: lookup(m) for m in lora.modules}
+    unmatched = [m for m, key in found.items() if key is None]
     if unmatched:
         made_for = lora.family()
-        hint = f"this LoRA is for {made_for}, the model is {variant}" if made_for and made_for not in variant \
+        hint = f"this LoRA is for {made_for}, the model is {variant}" if lora_check.other_family(made_for, variant) \
             else f"is it a LoRA for {variant}?"
         raise ModelLoadError(f"{lora.path.name}: {len(unmatched)} of its {len(lora.modules)} modules match nothing in "
                              f"the model ({examples(unmatched)}): {hint}")
-    return {m: table[m] for m in lora.modules}
+    return found
 
 
 # --- the deltas ------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ MAX_SLACK = 1 << 20  # a module's tensors may hold up to 4x its weight's values 
 MAX_SCALE = 1e4  # |alpha / rank| or |.scale|
 MAX_CHANGE = 1e4  # an upper bound on the scaled change to one weight value; and on a DoRA magnitude
 NUMBERS = ("alpha", "scale")  # the roles that hold one number; every other role is a factor
+_VARIANTS = ("SDXL refiner", "SDXL", "SD 2.x", "SD 1.x")  # a variant's family: the first it starts with
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' names of what a module is in
 
 
 def check(lora: LoraFile, matched: Mapping[str, str], weights: Mapping[str, torch.Tensor], variant: str) -> None:
@@ -47,9 +49,14 @@ def _check_sizes(lora: LoraFile, module: str, shape: tuple, variant: str) -> Non
                              "not a LoRA of this model")
     if problem := _shape_problem(sizes, shape):
         made_for = lora.family()
-        hint = f" (this LoRA is for {made_for}, the model is {variant})" if made_for and made_for not in variant \
-            else ""
+        hint = f" (this LoRA is for {made_for}, the model is {variant})" if other_family(made_for, variant) else ""
         raise ModelLoadError(f"{name}: module {module} does not fit the model's weight {list(shape)}: {problem}{hint}")
+
+
+def other_family(made_for: str | None, variant: str) -> bool:
+    """Whether a LoRA made for `made_for` (LoraFile.family) is for another family than a model of `variant`'s
+    ("SD 1.x inpainting" is SD 1.x's, "SDXL refiner" is not SDXL's)."""
+    return made_for is not None and made_for != next((f for f in _VARIANTS if variant.startswith(f)), variant)
 
 
 def file_problem(lora: LoraFile, module: str) -> str | None:
@@ -171,7 +178,9 @@ def scale_of(t: Mapping[str, torch.Tensor], rank: int | None, peft_alpha: float 
 
 
 def part_of(module: str) -> str:
-    return "unet" if module.startswith("lora_unet_") else "text_encoder"
+    """The diffusers part a module is in (its alpha's in PEFT's metadata): SDXL's bigG is text_encoder_2."""
+    return "unet" if module.startswith("lora_unet_") else "text_encoder_2" if module.startswith("lora_te2_") \
+        else "text_encoder"
 
 
 def peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
@@ -182,7 +191,7 @@ def peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
     except (ValueError, RecursionError):
         return {}
     alphas = {}
-    for part in ("unet", "text_encoder") if isinstance(packed, dict) else ():
+    for part in PARTS if isinstance(packed, dict) else ():
         alpha = packed.get(f"{part}.lora_alpha")
         if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):  # check refuses an absurd scale
             alphas[part] = float(alpha)

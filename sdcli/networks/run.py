@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def prepare_networks(requests: list[Request], settings: dict, checkpoint) -> tuple:
     """-> (networks.loras.Loras, networks.embeddings.Embeddings or None without embedding folders): the LoRAs
     read and matched against the model's weight names and shapes, the embeddings the prompts use read and
-    checked against the text encoder's width."""
+    checked against every text encoder's width."""
     from sdcli.networks.loras import Loras, uses_of
 
     given = tuple(dict.fromkeys(parse_lora_option(entry).name for r in requests for entry in r.lora))
@@ -26,11 +26,14 @@ def prepare_networks(requests: list[Request], settings: dict, checkpoint) -> tup
     embedding_dirs = folders(settings.get("embeddings_dir"), "SDCLI_EMBEDDINGS_DIR", "--embeddings-dir")
     if not embedding_dirs:
         return loras, None
+    from sdcli.networks import encoder_roles
     from sdcli.networks.embeddings import Embeddings
 
     embeddings = Embeddings(embedding_dirs)
+    cfg = checkpoint.config
     for name in dict.fromkeys(n for r in requests for n in _embeddings_used(embeddings, r)):
-        embeddings.vectors(name, checkpoint.config.text.width)
+        for role, text in zip(encoder_roles(cfg), cfg.texts, strict=True):  # SDXL: each encoder's tensor
+            embeddings.vectors(name, text.width, role, cfg.variant)
     return loras, embeddings
 
 
