@@ -1,7 +1,6 @@
 """Every loader error: a clear message naming the file and the problem, exit code 2, no traceback."""
 
 import json
-import os
 import random
 import shutil
 import subprocess

@@ -75,42 +75,32 @@ def _lora_file(path: str):
     except OSError:  # a name too long, ...: inspect_model says so
         return None
     keys = open_safetensors(file)
-    if any(k.startswith((UNET, "first_stage_model.", "cond_stage_model.")) for k in keys) or not any(
-            k.startswith(("lora_", "unet.", "text_encoder.")) for k in keys):
+    if any(k.startswith((UNET, "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys) or not any(
+            k.startswith(("lora_", "unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return None
     return read_lora(file)
 
 
 def _embedding(path: str) -> dict | None:
-    """What `sdcli info` shows of a textual-inversion embedding, or None when the file is not one that
-    embeddings.read_embedding reads (a model, or a damaged file: inspect_model says what it is)."""
-    from sdcli.errors import ModelLoadError
-    from sdcli.networks.embeddings import SUFFIXES, read_embedding
-    from sdcli.networks.lora import FAMILIES
+    """What `sdcli info` shows of a textual-inversion embedding, or None when the file is not one (a model, or
+    a damaged file: inspect_model says what it is)."""
+    from sdcli.networks.embeddings import summary
 
-    file = Path(path)
-    try:
-        if file.suffix.lower() not in SUFFIXES or not file.is_file():
-            return None
-        vectors = read_embedding(file)  # bounded: its size is checked first, pickles read as tensors only
-    except (OSError, ModelLoadError):
-        return None
-    count, width = vectors.shape
-    if width not in FAMILIES:  # one stray tensor (a damaged model) is not shown as a 1-wide embedding
-        return None
-    return {"path": str(file), "kind": "embedding", "vectors": count, "width": width, "family": FAMILIES.get(width)}
+    return summary(path)
 
 
 def _describe_embedding(summary: dict) -> str:
+    widths = summary.get("widths")  # SDXL's: one tensor per text encoder
+    width = ", ".join(f"{role} {w}" for role, w in widths.items()) if widths else str(summary["width"])
     rows = [("kind", "textual-inversion embedding"),
             ("vectors", f"{summary['vectors']} (of the 75 tokens a prompt chunk holds)"),
-            ("width", str(summary["width"])), ("made for", summary["family"] or "unknown")]
+            ("width", width), ("made for", summary["family"] or "unknown")]
     return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
 
 
 def _describe_lora(summary: dict) -> str:
     rows = [("kind", "LoRA"), ("format", summary["format"]),
-            ("targets", f"{' and '.join(summary['targets'])}, {summary['modules']} modules"),
+            ("targets", f"{', '.join(summary['targets'])}; {summary['modules']} modules"),
             ("rank", ", ".join(map(str, summary["ranks"])) or "-"),
             ("alpha", ", ".join(f"{a:g}" for a in summary["alphas"]) or "the rank (scale 1)"),
             ("made for", summary["family"] or "unknown")]
@@ -120,7 +110,6 @@ def _describe_lora(summary: dict) -> str:
 
 def _describe(summary: dict) -> str:
     """`sdcli info`'s lines for a model; what they echo from its files (paths, names) escaped."""
-    text = summary["text_encoder"]
     fmt = {"single-file": "single-file safetensors (original LDM layout)", "diffusers": "diffusers folder"}
     rows = [
         ("format", fmt[summary["format"]]),
@@ -128,18 +117,46 @@ def _describe(summary: dict) -> str:
         ("prediction", f"{summary['prediction']} ({summary['prediction_source']})"),
         ("latents", f"{summary['latent_channels']} channels at 1/{summary['vae_factor']} size, "
                     f"scale {summary['latent_scale']}"),
-        ("text", f"{'OpenCLIP' if text['layout'] == 'openclip' else 'CLIP'}, {text['layers']} layers, "
-                 f"width {text['width']}, conditioning on the "
-                 f"{'penultimate' if text['skip_last_layers'] else 'last'} layer"),
     ]
-    rows.append(("tokenizer", summary["tokenizer"]))
+    encoders, added = summary["text_encoders"], summary["added_conditioning"]
+    if added is None:  # SD 1.x/2.x: one text encoder, named by its layout
+        text = summary["text_encoder"]
+        rows.append(("text", f"{'OpenCLIP' if text['layout'] == 'openclip' else 'CLIP'}, {text['layers']} layers, "
+                             f"width {text['width']}, conditioning on the "
+                             f"{'penultimate' if text['skip_last_layers'] else 'last'} layer"))
+        rows.append(("tokenizer", summary["tokenizer"]))
+    else:
+        rows += _describe_xl(summary, encoders, added)
     if summary["vae_file"]:
         rows.append(("vae file", summary["vae_file"]))
+    models = {e["part"]: e["model"] for e in encoders if added is not None and e["model"]}
     for name, comp in summary["components"].items():
-        rows.append((name.replace("_", " "),
-                     f"{comp['parameters'] / 1e6:,.2f}M parameters, {'/'.join(comp['dtypes'])}"))
+        rows.append((name.replace("_", " "), f"{comp['parameters'] / 1e6:,.2f}M parameters, "
+                     f"{'/'.join(comp['dtypes'])}" + (f" ({models[name]})" if name in models else "")))
     rows += [("note", note) for note in summary["notes"]]
-    return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<13} {v}" for k, v in rows)])
+    width = max(13, *(len(k) for k, _ in rows))  # 13: SD 1.x/2.x's lines as they always were
+    return "\n".join(printable(line) for line in [summary["path"], *(f"  {k:<{width}} {v}" for k, v in rows)])
+
+
+def _describe_xl(summary: dict, encoders: list[dict], added: dict) -> list[tuple[str, str]]:
+    """SDXL's lines: each text encoder and tokenizer, the joined context and the added conditioning."""
+    rows = []
+    for i, e in enumerate(encoders):
+        layer = "penultimate" if e["skip_last_layers"] else "last"
+        line = (f"{e['model'] or 'CLIP'}: {e['layers']} layers, width {e['width']}, conditioning on the {layer} "
+                f"layer{'' if e['final_norm'] else ' without the final norm'}")
+        if e["pooled"]:
+            line += f"; the pooled vector: its last layer's end token, projected to {e['projection_dim']} wide"
+        rows.append(("text" + (f" {i + 1}" if len(encoders) > 1 else ""), line))
+    if len(encoders) > 1:
+        rows.append(("context", f"{summary['context_dim']} wide: the encoders' hidden states joined "
+                                f"({' + '.join(str(e['width']) for e in encoders)})"))
+    numbers = added["numbers"]
+    rows.append(("added cond", f"{added['width']} wide: the pooled vector ({added['pooled_width']}) and "
+                          f"{len(numbers)} numbers, {added['number_width']} wide each ({', '.join(numbers)})"))
+    for i, e in enumerate(encoders):
+        rows.append(("tokenizer" + (f" {i + 1}" if len(encoders) > 1 else ""), e["tokenizer"]))
+    return rows
 
 
 def _is_png(path: str) -> bool:

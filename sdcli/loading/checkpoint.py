@@ -79,11 +79,26 @@ class Checkpoint:
         return model.eval().requires_grad_(False)
 
     def summary(self) -> dict:
-        cfg = self.config
+        """What `sdcli info` shows (also its --json): the format, family, each text encoder and part."""
+        cfg, kind = self.config, self.config.kind
+        names = ENCODER_NAMES.get(cfg.family, ())
+        dirs = (self.tokenizer_dir, self.tokenizer_2_dir)
+        encoders = [
+            {"part": part, "folder": folder, "model": names[i] if i < len(names) else None,
+             **{k: getattr(t, k) for k in ("layout", "layers", "width", "heads", "mlp_width", "activation",
+                                          "skip_last_layers", "final_norm", "projection_dim")},
+             # SDXL's pooled vector: the last encoder's projected end token (ModelConfig.added_width)
+             "pooled": bool(kind.added) and i == len(cfg.texts) - 1, "tokenizer": _tokenizer_source(dirs[i], t)}
+            for i, ((part, _, folder), t) in enumerate(zip(kind.encoders, cfg.texts, strict=True))
+        ]
+        added = None if not kind.added else {
+            "width": cfg.unet.adm_in_channels, "pooled_width": cfg.texts[-1].projection_dim,
+            "numbers": list(kind.added), "number_width": cfg.added_width,
+        }
         return {
             "path": str(self.path),
             "format": self.format,
-            "variant": cfg.variant,
+            "variant": VARIANT_NAMES.get(kind.name, kind.variant),
             "family": cfg.family,
             "task": cfg.task,
             "prediction": cfg.prediction,
@@ -97,14 +112,27 @@ class Checkpoint:
                 "layout": cfg.text.layout, "layers": cfg.text.layers, "width": cfg.text.width,
                 "activation": cfg.text.activation, "skip_last_layers": cfg.text.skip_last_layers,
             },
+            "text_encoders": encoders,
+            "added_conditioning": added,
             "vae_file": str(self.vae_path) if self.vae_path else None,
-            "tokenizer": str(self.tokenizer_dir) if self.tokenizer_dir else f"built-in CLIP BPE, padding with "
-            f"{cfg.text.pad_token!r}",
+            "tokenizer": encoders[0]["tokenizer"],
             "components": {
                 name: {"parameters": p.parameters, "dtypes": p.dtypes, "source": p.source}
                 for name, p in self.parts.items()
             },
         }
+
+
+# The text encoders of each lineage's releases, in Family.encoders' order: what `sdcli info` calls them (a model's
+# own widths and layers are shown beside the name)
+ENCODER_NAMES = {"sd1": ("CLIP ViT-L",), "sd2": ("OpenCLIP ViT-H",), "sdxl": ("CLIP ViT-L", "OpenCLIP ViT-bigG"),
+                 "sdxl-refiner": ("OpenCLIP ViT-bigG",)}
+# where a family's variant alone does not say which model it is (families.SDXL is "SDXL", beside "SDXL refiner")
+VARIANT_NAMES = {"sdxl": "SDXL base"}
+
+
+def _tokenizer_source(folder: Path | None, text) -> str:
+    return str(folder) if folder else f"built-in CLIP BPE, padding with {text.pad_token!r}"
 
 
 def _tokenizer(folder: Path | None, text):

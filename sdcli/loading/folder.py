@@ -112,10 +112,12 @@ def _text_part(folder: Path) -> Part:
     tensors, src, files = component_weights(folder, "model")
     tensors = {k: v for k, v in tensors.items() if not IGNORED.search(k)}
     prefix = "text_model." if any(k.startswith("text_model.") for k in tensors) else ""
-    return Part(tensors, src, lambda keys: _text_layout(keys, prefix), files)
+    return Part(tensors, src, lambda keys: text_layout(keys, prefix), files)
 
 
-def _text_layout(our_keys, prefix: str) -> Layout:
+def text_layout(our_keys, prefix: str) -> Layout:
+    """A text encoder folder's keys: transformers' names under `prefix`, the projection a Linear (save.py writes
+    folders through to_file)."""
     plain = rename_layout([k for k in our_keys if k != "text_projection"],
                           lambda k: prefix + k.removeprefix("transformer.text_model."))
 
