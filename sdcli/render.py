@@ -76,7 +76,7 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
         preset_request, preset_run = load_preset(preset)
         preset_request = {k: v for k, v in preset_request.items() if takes(task, k.replace("-", "_"))}
         base = merge(base, preset_request, f"preset {preset}")
-        run_settings.update(preset_run)
+        run_settings.update({k: v for k, v in preset_run.items() if k != "refiner" or task.refines})
     base = merge(base, flags)
     run_settings.update({k: v for k, v in run.items() if v is not None})
     if not run_settings.get("model") and os.environ.get("SDCLI_MODEL"):

@@ -133,3 +133,19 @@ def test_mistakes_are_one_line(xl, tiny, tmp_path):
     assert_refused(run_sdcli("inpaint", "a cat", "-i", image, "--mask", image, "-m", base, "--refiner", refiner,
                              *common), "No such option", folder=out)
     assert files(out) == set()
+
+
+def test_a_preset_with_a_refiner_serves_inpaint_without_it(xl, tmp_path, run_cli):
+    """A preset serves every command: inpaint, which a refiner cannot finish, leaves its refiner out."""
+    preset = tmp_path / "xl.yaml"
+    preset.write_text(f"refiner: {xl('refiner').single_file}\nrefiner_switch: 0.5\nwidth: 64\nheight: 64\n")
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    Image.new("RGB", (64, 64), "white").save(mask)
+    code, _, err = run_cli("inpaint", "a cat", "-i", image, "--mask", mask, "-m", xl("base").single_file,
+                           "--preset", preset, "--steps", "2", "-o", tmp_path / "out.png", "--quiet")
+    assert code == 0, err
+    from sdcli.metadata import read_png
+
+    record = read_png(tmp_path / "out.png")
+    assert "refiner" not in record and record.get("refiner_switch") is None
