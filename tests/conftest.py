@@ -45,7 +45,7 @@ def tiny(tiny_root):
 
 @pytest.fixture(scope="session")
 def xl(tiny_root):
-    """xl(kind) -> tiny_xl.TinyXL, built once per session: "base" or "refiner"."""
+    """xl(kind) -> tiny_xl.TinyXL, built once per session: "base", "refiner" or "inpaint" (9 channels)."""
     import tiny_xl
 
     return _built(tiny_xl.build, tiny_root)

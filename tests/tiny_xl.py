@@ -25,6 +25,9 @@ UNETS = {
                     transformer_layers_per_block=2, cross_attention_dim=G_WIDTH,
                     projection_class_embeddings_input_dim=5 * TIME_WIDTH + G_WIDTH),
 }
+UNETS["inpaint"] = UNETS["base"]  # the base's shape with 9 input channels: [latents, mask, masked-image latents]
+IN_CHANNELS = {"inpaint": 9}
+SEEDS = {"base": 100, "refiner": 200, "inpaint": 300}
 
 
 def text(width: int, layers: int, projection: bool, seed: int):
@@ -42,22 +45,23 @@ def text(width: int, layers: int, projection: bool, seed: int):
 
 @dataclass
 class TinyXL:
-    kind: str  # "base" or "refiner"
+    kind: str  # "base", "refiner" or "inpaint"
     folder: Path
     single_file: Path
-    pipe: object  # the diffusers pipeline (StableDiffusionXLPipeline or StableDiffusionXLImg2ImgPipeline)
+    pipe: object  # the diffusers pipeline (StableDiffusionXL-, -Img2Img- or -InpaintPipeline)
 
 
 def build(kind: str, root: Path) -> TinyXL:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLInpaintPipeline
     from diffusers import UNet2DConditionModel
 
     from sdcli.loading.keymaps import openclip_layout
     from sdcli.models.text import clip_tokenizer
 
-    seed = 100 if kind == "base" else 200
+    seed = SEEDS[kind]
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+        sample_size=8, in_channels=IN_CHANNELS.get(kind, 4), out_channels=4, layers_per_block=2, norm_num_groups=32,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_WIDTH,
         **UNETS[kind])
     randomize(unet, seed)
@@ -67,10 +71,10 @@ def build(kind: str, root: Path) -> TinyXL:
                                        timestep_spacing="leading", steps_offset=1)
     common = dict(vae=vae.eval(), unet=unet.eval(), text_encoder_2=big_g, tokenizer_2=clip_tokenizer("!"),
                   scheduler=scheduler)
-    if kind == "base":
+    if kind in ("base", "inpaint"):
         clip_l = text(L_WIDTH, 3, False, seed + 2)
-        pipe = StableDiffusionXLPipeline(text_encoder=clip_l, tokenizer=clip_tokenizer(), **common,
-                                         force_zeros_for_empty_prompt=True)
+        cls = StableDiffusionXLPipeline if kind == "base" else StableDiffusionXLInpaintPipeline
+        pipe = cls(text_encoder=clip_l, tokenizer=clip_tokenizer(), **common, force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, **common,
                                                 requires_aesthetics_score=True, force_zeros_for_empty_prompt=True)
@@ -82,7 +86,7 @@ def build(kind: str, root: Path) -> TinyXL:
     # single-file reader and the image parity tests are what check them.
     state = original_unet_and_vae(unet, vae)
     g_index = 0
-    if kind == "base":
+    if kind in ("base", "inpaint"):
         state.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
                       for k, v in pipe.text_encoder.state_dict().items()})
         g_index = 1
