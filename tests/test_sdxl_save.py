@@ -146,7 +146,8 @@ def test_diffusers_loads_our_folder_and_renders_the_same_image(saved, xl, kind):
         assert pipe.config.requires_aesthetics_score and pipe.tokenizer is None
     else:
         assert pipe.tokenizer.pad_token == "<|endoftext|>"
-    tm.pipe.scheduler = type(pipe.scheduler).from_config(tm.pipe.scheduler.config)  # the fixture's own schedule
+    # the fixture's own schedule, from its folder (other tests swap the shared pipeline's scheduler)
+    tm.pipe.scheduler = type(pipe.scheduler).from_pretrained(tm.folder, subfolder="scheduler")
     assert np.abs(render(pipe, kind) - render(tm.pipe, kind)).max() <= 1e-5
 
 
