@@ -339,9 +339,11 @@ def test_pickle_named_safetensors_suggests_a_new_name_that_works(tmp_path, run_c
     assert torch.equal(load_file(str(out))["w"], torch.ones(3))
 
 
-def test_convert_of_a_safetensors_file_says_it_needs_none(tiny, tmp_path, run_cli):
-    line = refused(run_cli, "convert", tiny("sd1").single_file, tmp_path / "out.safetensors", folder=tmp_path)
-    assert "is a safetensors file already: sdcli loads it as it is" in line
+def test_convert_of_a_safetensors_file_says_it_needs_none(tiny, xl, tmp_path, run_cli):
+    """The tiny SDXL file's header length begins with byte 0x38, a pickle opcode torch tried before."""
+    for model in (tiny("sd1").single_file, xl("base").single_file):
+        line = refused(run_cli, "convert", model, tmp_path / "out.safetensors", folder=tmp_path)
+        assert "is a safetensors file already: sdcli loads it as it is" in line, line
 
 
 @pytest.mark.parametrize("how", ["same", "dotted", "symlink", "hardlink"])

@@ -25,6 +25,8 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     if dst.suffix != ".safetensors":
         raise SdcliError(f"the output must end in .safetensors, not {dst.name}")
     check_output(dst, overwrite)  # before the (possibly long) read
+    if src.suffix == ".safetensors" and _is_safetensors(src):  # before torch: its header may read as pickle opcodes
+        raise SdcliError(f"{src} is a safetensors file already: sdcli loads it as it is")
     try:
         # a file object, not the path: torch.load reads a path named .safetensors as safetensors, which a pickle
         # under that name is not
@@ -34,8 +36,6 @@ def pickle_to_safetensors(src: Path, dst: Path, overwrite: bool = False) -> int:
     except Exception as e:  # torch raises many types: disallowed objects, truncated archives, not a pickle
         if refused := pickle_refusal(e):
             raise SdcliError(f"{src} was not loaded: {refused}; get a .safetensors release of this model") from None
-        if src.suffix == ".safetensors" and _is_safetensors(src):
-            raise SdcliError(f"{src} is a safetensors file already: sdcli loads it as it is") from None
         raise SdcliError(printable(f"{src} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")[:300]) \
             from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning nests the weights

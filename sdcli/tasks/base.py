@@ -163,7 +163,7 @@ def sdxl_sampling(r: Request) -> dict:
         return a, b
 
     if r.refiner_switch is not None and not 0 < r.refiner_switch <= 1:
-        raise SdcliError(f"--refiner-switch must be above 0 and at most 1 (the fraction of the steps the base "
+        raise SdcliError(f"--refiner-switch must be above 0 and at most 1 (the fraction of the denoising the base "
                          f"model runs), not {shown(r.refiner_switch)}")
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if (value := getattr(r, name)) is not None and not 0 <= value <= 10:
