@@ -123,7 +123,8 @@ def to_parameters(record: dict) -> str:
         "Hires upscaler": "Lanczos" if hires else None,
         "Refiner": (f"{record['refiner']} [{record['refiner_hash']}]" if record.get("refiner_hash")
                     else record["refiner"]) if record.get("refiner") else None,
-        "Refiner switch at": _number(record.get("refiner_switch") or 0.8) if record.get("refiner") else None,
+        "Refiner switch at": _number(record["refiner_switch"]) if record.get("refiner")
+        and record.get("refiner_switch") is not None else None,
         # sdcli's own keys (A1111 keeps unknown keys after its own and before Version): the upscale settings,
         # and the prediction type (a v-prediction image can't be re-rendered as eps)
         "Upscale": _number(record["scale"]) if record.get("scale") else None,

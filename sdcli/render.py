@@ -52,8 +52,13 @@ class Run:
 
     @property
     def model_name(self) -> str:
-        path = Path(self.model_path)
-        return path.stem if path.is_file() else path.resolve().name
+        return model_name(self.model_path)
+
+
+def model_name(path: str) -> str:
+    """A model's name in file names and metadata: a file's stem, a folder's name."""
+    path = Path(path)
+    return path.stem if path.is_file() else path.resolve().name
 
 
 def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str | None, from_file: str | None,
@@ -251,9 +256,8 @@ def _plan_and_render(run: Run) -> None:
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   prediction=cfg.prediction, precision=run.precision, version=f"sdcli {__version__}")
     if run.refiner:
-        path = Path(run.settings["refiner"])
-        common.update(refiner=path.stem if path.is_file() else path.resolve().name,
-                      refiner_path=str(path.resolve()), refiner_hash=model_hash(str(path)))
+        path = run.settings["refiner"]
+        common.update(refiner=model_name(path), refiner_path=str(Path(path).resolve()), refiner_hash=model_hash(path))
     render(run, engine, jobs, common, console, total=total)
 
 

@@ -83,6 +83,8 @@ class Task:
                              f"{cfg.variant} model: leave them out, or give a refiner with --refiner")
         if r.refiner_switch is not None and not refined:
             raise SdcliError("--refiner-switch says when --refiner takes over: give --refiner MODEL too")
+        if refined and r.refiner_switch is None:
+            r = dataclasses.replace(r, refiner_switch=REFINER_SWITCH)
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
@@ -142,14 +144,15 @@ class Task:
         return r
 
 
-REFINER_SWITCH, AESTHETIC_SCORES = 0.8, (6.0, 2.5)  # A1111's "Refiner switch at"; diffusers' refiner defaults
+REFINER_SWITCH = 0.8  # A1111's "Refiner switch at": filled in (so recorded) when a refiner is given
 REFINER_KEYS = ("refiner_switch", "aesthetic_score", "negative_aesthetic_score")  # generate's and img2img's
 
 
 def sdxl_sampling(r: Request) -> dict:
     """The request's SDXL settings as engine.Sampling's fields, defaults filled in, or a one-line error:
     --original-size WxH and --crop-coords TOP,LEFT -> original_size (width, height) or None, crop (top, left);
-    --refiner-switch, --aesthetic-score and --negative-aesthetic-score."""
+    --refiner-switch, --aesthetic-score and --negative-aesthetic-score where given (engine.Sampling has the
+    defaults; resolve fills in the switch when a refiner is given, so images record it)."""
     def numbers(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
         if text is None:
             return None
@@ -169,12 +172,11 @@ def sdxl_sampling(r: Request) -> dict:
         if (value := getattr(r, name)) is not None and not 0 <= value <= 10:
             raise SdcliError(f"--{name.replace('_', '-')} must be between 0 and 10 (the scale of the LAION "
                              f"aesthetic scores the refiner was trained on), not {shown(value)}")
+    given = dict(refiner_switch=r.refiner_switch, aesthetic_score=r.aesthetic_score,
+                 negative_aesthetic_score=r.negative_aesthetic_score)  # None: Sampling's defaults
     return dict(original_size=numbers(r.original_size, "x", "--original-size", "1024x1024"),
                 crop=numbers(r.crop_coords, ",", "--crop-coords", "0,0") or (0, 0),
-                refiner_switch=REFINER_SWITCH if r.refiner_switch is None else r.refiner_switch,
-                aesthetic_score=AESTHETIC_SCORES[0] if r.aesthetic_score is None else r.aesthetic_score,
-                negative_aesthetic_score=AESTHETIC_SCORES[1] if r.negative_aesthetic_score is None
-                else r.negative_aesthetic_score)
+                **{k: v for k, v in given.items() if v is not None})
 
 
 def with_tiles(r: Request) -> Request:
