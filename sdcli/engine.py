@@ -15,11 +15,15 @@ import torch
 from sdcli import tiling
 from sdcli.conditioning import Conditioning, with_added
 from sdcli.errors import SdcliError
+from sdcli.models.tome import token_merging
 from sdcli.networks.loras import Loras, uses_of
 from sdcli.networks.tags import strip_tags
+from sdcli.preview import to_uint8
 from sdcli.prompting import encode_prompts
 from sdcli.sampling import SAMPLERS, SCHEDULES, CFGDenoiser, Denoiser, DiscreteSigmas
 from sdcli.sampling.denoisers import TiledDenoiser
+from sdcli.sampling.fast import FastModes
+from sdcli.sampling.speedups import Speedups
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Sampling:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     refiner_switch: float = 0.8  # with a refiner: the fraction of the training timesteps the base denoises
+    fast: FastModes = FastModes()  # the training-free speed-ups (sampling.fast), all off
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compared by identity, not ==
@@ -91,8 +96,9 @@ class Engine:
     """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
 
     def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None,
-                 loras: Loras | None = None, embeddings=None, refiner: Engine | None = None):
+                 loras: Loras | None = None, embeddings=None, refiner: Engine | None = None, tiny=None):
         self.model, self.device, self.precision = model, device, precision
+        self.tiny = tiny  # models.taesd.TinyAutoencoder: its halves replace the VAE's (--vae-decoder), or None
         self.refiner = refiner  # an SDXL refiner's engine, which finishes every image after the switch
         self.vae_tiling = vae_tiling  # None: tile the VAE only above tiling.AUTO_TILING_AREA
         self.loras = loras or Loras([])  # the prompts' <lora:...> tags: found there, merged into the weights
@@ -178,6 +184,10 @@ class Engine:
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Images [1 or len(generators), 3, H, W] in [-1, 1] -> scaled latents [len(generators), ...]: one
         posterior sample per generator (drawn before that image's noise, as diffusers draws them)."""
+        if self.tiny is not None and self.tiny.has_encoder:  # deterministic, and already in the UNet's scale
+            with torch.inference_mode():
+                latents = self.tiny.encode(image.to(self.device, self.tiny.dtype)).float()
+            return latents.expand(len(generators), -1, -1, -1).clone()
         if self._posterior[0] is image:  # the same input tensor as the last batch's
             posterior = self._posterior[1]
         else:
@@ -199,10 +209,15 @@ class Engine:
             uncond = None if uncond is None else with_added(uncond, self.cfg, batch.s, size, negative=True)
         extra = {"cond": cond.expand(b), "uncond": None if uncond is None else uncond.expand(b),
                  "cond_scale": batch.s.cfg_scale}
+        fast = batch.s.fast
+        if fast.on:  # a run's own state: its caches, its steps
+            extra["speedups"] = Speedups(fast, batch.sigmas, len(self.model.unet.input_blocks))
         sampler = SAMPLERS[batch.s.sampler]
         noise = ((lambda sigma, sigma_next: self.noise(batch.generators, tuple(x.shape[1:])))
                  if sampler.stochastic else None)
-        with torch.inference_mode(), self.autocast():
+        # ToMe's random destinations from the batch's first seed: the same run gives the same image
+        merging = token_merging(self.model.unet, fast.token_merging, seed=batch.generators[0].initial_seed())
+        with torch.inference_mode(), self.autocast(), merging:
             return sampler.fn(model or self.denoiser, x, batch.sigmas, extra, batch.callback, noise).float()
 
     def handoff(self, batch: Batch) -> int:
@@ -243,14 +258,18 @@ class Engine:
         """Latents at noise level sigma_last -> uint8 images [B, H, W, 3] on the CPU."""
         # A sampler that stops above 0 (DDIM, PLMS) leaves x = x0 + sigma * eps; the VAE takes the UNet's
         # unit-variance scale of it, as diffusers decodes it.
-        z = latents / math.sqrt(1 + sigma_last**2) / self.cfg.latent_scale
+        z = latents / math.sqrt(1 + sigma_last**2)
+        if self.tiny is not None and self.tiny.has_decoder:  # TAESD decodes the UNet's scale (scaling factor 1)
+            with torch.inference_mode():
+                images = self.tiny.decode(z.to(self.tiny.dtype))
+            return to_uint8(images)
+        z = z / self.cfg.latent_scale
         with torch.inference_mode():
             with self.autocast():
                 images = tiling.decode(self.model.vae, z, self.vae_tiling)
             if self.precision != "fp32" and not torch.isfinite(images).all():  # fp16 VAEs overflow on some
                 images = tiling.decode(self.model.vae, z, self.vae_tiling)  # images: redo it in fp32
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu()
+        return to_uint8(images)
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -268,3 +287,4 @@ def img2img_schedule(steps_run: int, strength: float) -> int:
     while img2img_steps(total, strength) < steps_run:
         total += 1
     return total
+

@@ -113,6 +113,7 @@ def to_parameters(record: dict) -> str:
         "Model hash": record.get("model_hash"),
         "Model": record.get("model") or None,
         "VAE": record.get("vae"),
+        "VAE decoder": record.get("vae_decoder"),  # sdcli's: the tiny autoencoder that decoded the image
         "Clip skip": record["clip_skip"] if record.get("clip_skip") not in (None, 1) else None,
         "Denoising strength": _number(strength) if strength is not None else None,
         "Mask blur": record.get("mask_blur") if record.get("mask") else None,
@@ -132,6 +133,13 @@ def to_parameters(record: dict) -> str:
         "Tile size": record.get("tile") if tiled else None,
         "Tile overlap": record.get("tile_overlap") if tiled else None,
         "Prediction": "v" if record.get("prediction") == "v" else None,
+        # the fast modes, where on: A1111's own labels for NGMS and ToMe, sdcli's for the others
+        "Cache interval": record.get("cache_interval"),
+        "Cache branch": record.get("cache_branch"),
+        "Cache schedule": record.get("cache_schedule"),
+        "CFG cutoff": _number(record["cfg_cutoff"]) if record.get("cfg_cutoff") is not None else None,
+        "NGMS": _number(record["skip_uncond_below"]) if record.get("skip_uncond_below") else None,
+        "Token merging ratio": _number(record["token_merging"]) if record.get("token_merging") else None,
         "Lora hashes": _hashes(record.get("lora_hashes")),
         "TI hashes": _hashes(record.get("ti_hashes")),
         "Version": record.get("version"),
@@ -164,7 +172,9 @@ _NUMBERS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": 
             "Masked area padding": ("crop_to_mask", int), "Hires upscale": ("hires_scale", float),
             "Hires steps": ("hires_steps", int), "Upscale": ("scale", float), "Noise level": ("noise_level", int),
             "Tile size": ("tile", int), "Tile overlap": ("tile_overlap", int),
-            "Refiner switch at": ("refiner_switch", float)}
+            "Refiner switch at": ("refiner_switch", float), "Cache interval": ("cache_interval", int),
+            "Cache branch": ("cache_branch", int), "CFG cutoff": ("cfg_cutoff", float),
+            "NGMS": ("skip_uncond_below", float), "Token merging ratio": ("token_merging", float)}
 
 
 def _parse_setting(key: str, value: str) -> dict | None:
@@ -195,7 +205,9 @@ def _parse_setting(key: str, value: str) -> dict | None:
     if key == "Refiner":  # "NAME [hash]", as A1111 writes it
         m = re.fullmatch(r"(.*?)(?: \[([0-9a-fA-F]+)\])?", value.strip())
         return {"refiner": m[1], **({"refiner_hash": m[2]} if m[2] else {})}
-    text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "Version": "version"}
+    text_fields = {"Model hash": "model_hash", "Model": "model", "VAE": "vae", "VAE decoder": "vae_decoder",
+                   "Version": "version",
+                   "Cache schedule": "cache_schedule"}
     if key in text_fields:
         return {text_fields[key]: value}
     return None

@@ -56,12 +56,16 @@ class Progress:
             self._bar.advance(self._batch_task)
 
     @contextlib.contextmanager
-    def image(self, label: str, steps: int) -> Iterator[Callable[[dict], None] | None]:
-        """Yields the sampler's per-step callback, which takes k-diffusion's dict (its "i": the step)."""
+    def image(self, label: str, steps: int, preview=None) -> Iterator[Callable[[dict], None] | None]:
+        """Yields the sampler's per-step callback, which takes k-diffusion's dict (its "i": the step). `preview`:
+        the live preview's path, named beside the bar (or in a line when there is none)."""
         if self._bar is None:
+            if preview is not None:
+                self.message(f"image {label}: live preview in {preview}")
             yield None
             return
-        task = self._bar.add_task(f"image {label}", total=steps)
+        task = self._bar.add_task(f"image {label}" + (f" (preview: {printable(str(preview))})" if preview else ""),
+                                  total=steps)
         try:
             yield lambda step: self._bar.update(task, completed=step["i"] + 1)
         finally:

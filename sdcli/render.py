@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import MAX_RUN_IMAGES, Job, Request, check_outputs, check_run, done_keys, merge, plan, validate
+from sdcli.batch import MAX_RUN_IMAGES, Request, check_run, merge, validate
+from sdcli.jobs import Job, check_outputs, done_keys, plan
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
 from sdcli.networks.run import ignored_tags, network_record, prepare_networks
 from sdcli.networks.tags import with_lora_tags
+from sdcli.preview import check_preview, preview_path
 from sdcli.progress import Progress
 from sdcli.prompts_file import load_preset, read_prompts_file, read_stdin
 
@@ -29,6 +31,7 @@ class RunFlags:
     resume: bool = False  # skip images a previous run of the same batch already wrote
     as_json: bool = False  # one JSON line per image on stdout
     quiet: bool = False  # no progress bars or messages
+    preview: int | None = None  # write a live preview every N steps (preview.Previewer)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Run:
     loras: object  # networks.loras.Loras: every LoRA the prompts name, found and checked against the model
     embeddings: object  # networks.embeddings.Embeddings, or None without --embeddings-dir
     refiner: object = None  # --refiner's checkpoint (loading.inspect_model's), or None
+    tiny: object = None  # --vae-decoder's models.taesd.TinyAutoencoder, or None
 
     @property
     def model_name(self) -> str:
@@ -74,6 +78,7 @@ def gather(task: Task, prompt: str | None, flags: dict, run: dict, preset: str |
         record = read_png(from_image)
         base = merge(base, {k: record[k] for k in rerender_keys(task) if record.get(k) is not None}, from_image)
         stored = {"model": record.get("model_path"), "vae": record.get("vae_path"),
+                  "vae_decoder": record.get("vae_decoder_path"),
                   "refiner": record.get("refiner_path") if task.refines else None,
                   "prediction": record.get("prediction")}
         run_settings.update(check_run({k: v for k, v in stored.items() if v is not None}, from_image))
@@ -134,17 +139,22 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     if (total := sum(r.n_images for r in requests)) > MAX_RUN_IMAGES:
         raise SdcliError(f"the run asks for {total:,} images, more than the {MAX_RUN_IMAGES:,} a run renders: "
                          "split the prompts or lower --n-images")
+    if opts.preview is not None:
+        check_preview(opts.preview, requests)
     sources = _load_inputs(task, requests)
     # everything above reads only the user's input; the model (and torch) come from here on
     from sdcli.engine import pick_device, pick_precision
     from sdcli.loading import inspect_model
+    from sdcli.loading.taesd import for_run as tiny_for_run, split_vae
 
     model_path = settings.get("model") or demo_model()
     device = distributed.device_for_rank(pick_device(settings.get("device") or "auto"))
     precision = pick_precision(settings.get("precision") or "auto", device)
+    settings = split_vae(settings)
     checkpoint = inspect_model(model_path, vae=settings.get("vae"), prediction=settings.get("prediction"))
     cfg = checkpoint.config
     task.check_model(cfg, model_path)
+    tiny, note = tiny_for_run(settings, cfg, device, half=precision == "fp16")
     refiner = _refiner(task, settings.get("refiner"), cfg, model_path)
     if record:
         requests = task.adopt_record(requests, record, flags, cfg)
@@ -155,7 +165,7 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     distributed.init(device.type)
     try:
         _plan_and_render(Run(task, requests, sources, model_path, checkpoint, device, precision, settings, record,
-                             from_image, opts, loras, embeddings, refiner))
+                             from_image, opts, loras, embeddings, refiner, tiny), note)
     finally:
         if owned:
             distributed.cleanup()
@@ -192,7 +202,7 @@ def _load_inputs(task: Task, requests: list[Request]) -> dict:
     return sources
 
 
-def _plan_and_render(run: Run) -> None:
+def _plan_and_render(run: Run, tiny_note: str | None = None) -> None:
     """generate, once the requests are checked: plan every image, check the outputs, load the model, render."""
     from sdcli.engine import Engine
 
@@ -240,20 +250,25 @@ def _plan_and_render(run: Run) -> None:
                         "set SDCLI_MODEL")
     for note in run.checkpoint.notes if rank == 0 else ():  # what the model's files left unsaid, sdcli assumed
         console.message(f"note: {run.model_path}: {note}")
+    if tiny_note and rank == 0:
+        console.message(f"note: {tiny_note}")
     if (ignored := ignored_tags(run.requests)) and rank == 0:
         console.message(f"note: sdcli does not load {', '.join(ignored)} (only <lora:...> extra networks): "
                         "left out of the prompt")
     refiner = run.refiner and Engine(run.refiner.load(run.device), run.device, run.precision,
-                                     vae_tiling=run.settings.get("vae_tiling"), embeddings=run.embeddings)
+                                     vae_tiling=run.settings.get("vae_tiling"), embeddings=run.embeddings,
+                                     tiny=run.tiny)
     engine = Engine(run.checkpoint.load(run.device), run.device, run.precision,
                     vae_tiling=run.settings.get("vae_tiling"), loras=run.loras, embeddings=run.embeddings,
-                    refiner=refiner)
-    vae = run.settings.get("vae")
+                    refiner=refiner, tiny=run.tiny)
+    vae, tiny = run.settings.get("vae"), run.settings.get("vae_decoder")
     digest = model_hash(run.model_path)
     if run.record and rank == 0:
         _explain_differences(run.record, run.from_image, digest, engine, console)
     common = dict(model=run.model_name, model_path=str(Path(run.model_path).resolve()), model_hash=digest,
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
+                  vae_decoder=Path(tiny).name if tiny else None,
+                  vae_decoder_path=str(Path(tiny).resolve()) if tiny else None,
                   prediction=cfg.prediction, precision=run.precision, version=f"sdcli {__version__}")
     if run.refiner:
         path = run.settings["refiner"]
@@ -281,6 +296,8 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
     """Render the jobs batch by batch; each image is written (or streamed) as soon as it is done. `total`: the
     run's images, when `jobs` is this process's share of them (under torchrun)."""
     from sdcli.engine import Sampling
+    from sdcli.preview import previewing
+    from sdcli.sampling.fast import fast_modes
     from sdcli.tasks import rerender_keys
     from sdcli.tasks.base import sdxl_sampling
 
@@ -293,8 +310,10 @@ def render(run: Run, engine, jobs: list[Job], common: dict, console: Progress, t
                 r = group[0].request
                 label = f"{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "") + f"/{total}"
                 start = time.perf_counter()
-                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, **sdxl_sampling(r))
-                with bar.image(label, task.steps_run(r, engine.cfg)) as step:
+                s = Sampling(r.steps, r.cfg_scale, r.sampler, r.schedule, r.clip_skip, fast=fast_modes(r),
+                             **sdxl_sampling(r))
+                with bar.image(label, task.steps_run(r, engine.cfg), preview=preview_path(opts.preview, group[0].path)) \
+                        as step, previewing(opts.preview, group[0].path, engine, step) as step:
                     images, extra = task.render(engine, r, s, [j.request.seed for j in group], run.sources, step)
                 seconds = (time.perf_counter() - start) / len(group)
                 extra = {**network_record(engine, r), **extra}

@@ -85,3 +85,19 @@ def run_cli(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def sdcli(run_cli):
+    """hostile.run_sdcli's Result for a run in this process (run_cli's): for refusals that need no memory cap or
+    fresh interpreter, at none of a new interpreter's start-up cost."""
+    import time
+
+    from hostile import Result
+
+    def run(*args) -> Result:
+        start = time.perf_counter()
+        code, out, err = run_cli(*args)
+        return Result(code, out.encode(), err, time.perf_counter() - start)
+
+    return run

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcli.batch import Request, plan
+from sdcli.batch import Request
+from sdcli.jobs import plan
 from sdcli.distributed import shard, world
 from sdcli.render import _batches, _share
 

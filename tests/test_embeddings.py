@@ -347,8 +347,8 @@ def test_cli_records_ti_hashes_and_reproduces_from_image(tmp_path, tiny, run_cli
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
-def test_cli_refuses_a_wrong_width_before_writing(tmp_path, tiny):
-    from hostile import assert_refused, files, run_sdcli
+def test_cli_refuses_a_wrong_width_before_writing(tmp_path, tiny, sdcli):
+    from hostile import assert_refused, files
 
     folder = tmp_path / "emb"
     folder.mkdir()
@@ -356,8 +356,8 @@ def test_cli_refuses_a_wrong_width_before_writing(tmp_path, tiny):
     lines = tmp_path / "prompts.txt"
     lines.write_text("a cat\na kohyaemb cat\n")  # the second line's embedding: found before the first image
     before = files(tmp_path)
-    assert_refused(run_sdcli("generate", "--from-file", lines, "-m", tiny("sd1").folder, "--embeddings-dir", folder,
+    assert_refused(sdcli("generate", "--from-file", lines, "-m", tiny("sd1").folder, "--embeddings-dir", folder,
                              "-o", f"{tmp_path}/out/", "-W", "64", "-H", "64"),
                    "kohyaemb.safetensors holds 64-wide vectors", "128 wide", folder=tmp_path, before=before)
-    assert_refused(run_sdcli("generate", "a", "--embeddings-dir", tmp_path / "none", "-m", tiny("sd1").folder),
+    assert_refused(sdcli("generate", "a", "--embeddings-dir", tmp_path / "none", "-m", tiny("sd1").folder),
                    "is not a folder")

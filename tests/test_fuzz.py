@@ -29,9 +29,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdcli.batch import (
-    MAX_PROMPT_CHARS, MAX_SEED, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_output_name, check_run,
-    check_text, merge, option_name, output_template, plan, validate,
+    MAX_PROMPT_CHARS, MAX_SEED, REQUEST_KEYS, RUN_KEYS, SHORT_OPTIONS, Request, check_run, check_text, merge,
+    option_name, validate,
 )
+from sdcli.jobs import plan
+from sdcli.output_names import check_output_name, output_template
 from sdcli.errors import SdcliError
 from sdcli.images import SIDES, parse_extend
 from sdcli.metadata import (

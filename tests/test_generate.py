@@ -99,9 +99,14 @@ def test_presets_and_flag_precedence(model, run_cli, tmp_path):
     assert code == 0, err
     [rec] = records(out)
     assert (rec["steps"], rec["sampler"], rec["cfg_scale"], rec["negative_prompt"]) == (2, "euler", 4.0, "ugly")
+    # the fast preset caches from branch 6, which every SD and SDXL model has and the tiny test model has not
     code, out, err = run_cli("generate", "a boat", "--preset", "fast", *SIZE, "--json", "--steps", "2")
+    assert code == 2 and "--cache-branch 6" in err and "the branch can be 0 to" in err, err
+    code, out, err = run_cli("generate", "a boat", "--preset", "fast", *SIZE, "--json", "--steps", "2",
+                             "--cache-branch", "1")
     [rec] = records(out)
     assert code == 0 and (rec["sampler"], rec["schedule"], rec["cfg_scale"]) == ("dpm++2m", "karras", 6.0)
+    assert (rec["cfg_cutoff"], rec["cache_interval"], rec["cache_branch"]) == (0.5, 2, 1)
 
 
 def test_prompts_file_lines_options_and_jsonl(model, run_cli):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import lora_files
-from hostile import assert_refused, files, run_sdcli
+from hostile import assert_refused, files
 
 ARGS = ["--steps", "6", "--sampler", "euler", "--seed", "42", "-W", "64", "-H", "64", "-n", "blurry", "--quiet"]
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -287,13 +287,13 @@ def test_lora_hash_takes_a_stored_hash_only_when_it_is_one(tmp_path, monkeypatch
 
 # --- mistakes: one line, exit 2, nothing written -----------------------------------------------------------
 
-def test_missing_lora_names_where_it_looked(sd1, loras, tmp_path):
+def test_missing_lora_names_where_it_looked(sd1, loras, tmp_path, sdcli):
     out = tmp_path / "out"
-    line = assert_refused(run_sdcli("generate", "a <lora:nope:0.5>", "-m", sd1.folder, "--lora-dir",
+    line = assert_refused(sdcli("generate", "a <lora:nope:0.5>", "-m", sd1.folder, "--lora-dir",
                                     loras["kohya"].parent, "-o", f"{out}/"),
                           "LoRA 'nope' not found: looked for nope.safetensors in")
     assert str(loras["kohya"].parent) in line and not out.exists()
-    assert_refused(run_sdcli("generate", "a <lora:nope>", "-m", sd1.folder, "-o", f"{out}/"), "give --lora-dir DIR")
+    assert_refused(sdcli("generate", "a <lora:nope>", "-m", sd1.folder, "-o", f"{out}/"), "give --lora-dir DIR")
 
 
 @pytest.mark.parametrize("tag,message", [
@@ -302,22 +302,22 @@ def test_missing_lora_names_where_it_looked(sd1, loras, tmp_path):
     ("<lora:kohya:1:1:4>", "not a fourth value (dyn)"),
     ("<lora:kohya:1e9>", "between -100 and 100"),
 ])
-def test_malformed_tags(sd1, tmp_path, tag, message):
-    assert_refused(run_sdcli("generate", f"a {tag}", "-m", sd1.folder, "-o", tmp_path / "o.png"), message)
+def test_malformed_tags(sd1, tmp_path, tag, message, sdcli):
+    assert_refused(sdcli("generate", f"a {tag}", "-m", sd1.folder, "-o", tmp_path / "o.png"), message)
     assert files(tmp_path) == set()
 
 
-def test_a_lora_for_another_family_says_which(sd1, sd2_lora, tmp_path):
+def test_a_lora_for_another_family_says_which(sd1, sd2_lora, tmp_path, sdcli):
     sdxl = tmp_path / "xl.safetensors"
     from safetensors.torch import save_file
 
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)},
               str(sdxl))
-    assert_refused(run_sdcli("generate", "a", "--lora", sdxl, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", sdxl, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "match nothing in the model (lora_te1_text_model_encoder_layers_0_self_attn_q_proj): this LoRA "
                    "is for SDXL")
-    assert_refused(run_sdcli("generate", "a", "--lora", sd2_lora, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", sd2_lora, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "does not fit the model's weight")
 
 
@@ -326,25 +326,25 @@ def sd2_lora(tiny, tmp_path):
     return lora_files.kohya_lora(tiny("sd2"), tmp_path / "sd2.safetensors", locon=False)
 
 
-def test_damaged_and_pickle_loras(sd1, loras, tmp_path):
+def test_damaged_and_pickle_loras(sd1, loras, tmp_path, sdcli):
     data = loras["kohya"].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])
-    assert_refused(run_sdcli("generate", "a", "--lora", cut, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", cut, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "not a valid .safetensors file")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a lora at all")
-    assert_refused(run_sdcli("generate", "a", "--lora", junk, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", junk, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "not a valid .safetensors file")
     from safetensors.torch import save_file
 
     model_like = tmp_path / "weird.safetensors"
     save_file({"some.weight": torch.zeros(2, 2)}, str(model_like))
-    assert_refused(run_sdcli("generate", "a", "--lora", model_like, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", model_like, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "not a LoRA sdcli reads: 1 tensors are not LoRA weights (some.weight)")
     pickle = tmp_path / "old.pt"
     torch.save({"x": torch.zeros(1)}, pickle)
-    assert_refused(run_sdcli("generate", "a", "--lora", pickle, "-m", sd1.folder, "-o", tmp_path / "o.png"),
+    assert_refused(sdcli("generate", "a", "--lora", pickle, "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "is a pickle checkpoint")
     assert not (tmp_path / "o.png").exists()
 
@@ -426,10 +426,10 @@ def test_an_empty_lora_file_is_called_empty(sd1, run_cli, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_bad_lora_options(sd1, tmp_path):
-    assert_refused(run_sdcli("generate", "a", "--lora", "x:y:z:1", "-m", sd1.folder, "-o", tmp_path / "o.png"),
+def test_bad_lora_options(sd1, tmp_path, sdcli):
+    assert_refused(sdcli("generate", "a", "--lora", "x:y:z:1", "-m", sd1.folder, "-o", tmp_path / "o.png"),
                    "without ':'")
-    assert_refused(run_sdcli("generate", "a", "--lora-dir", tmp_path / "nowhere", "-m", sd1.folder,
+    assert_refused(sdcli("generate", "a", "--lora-dir", tmp_path / "nowhere", "-m", sd1.folder,
                              "-o", tmp_path / "o.png"),
                    "is not a folder")
 

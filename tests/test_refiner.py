@@ -109,8 +109,8 @@ def test_the_aesthetic_score_conditions_the_refiner_unet_as_diffusers(pair):
     assert (outs[7.0] - outs[1.0]).abs().max() > 1e-5
 
 
-def test_mistakes_are_one_line(xl, tiny, tmp_path):
-    from hostile import assert_refused, files, run_sdcli
+def test_mistakes_are_one_line(xl, tiny, tmp_path, sdcli):
+    from hostile import assert_refused, files
 
     out = tmp_path / "out"
     out.mkdir()
@@ -118,19 +118,19 @@ def test_mistakes_are_one_line(xl, tiny, tmp_path):
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "red").save(image)
     common = ("-W", "64", "-H", "64", "--steps", "2", "-o", out / "x.png")
-    assert_refused(run_sdcli("generate", "a cat", "-m", base, "--refiner", base, *common),
+    assert_refused(sdcli("generate", "a cat", "-m", base, "--refiner", base, *common),
                    "--refiner", "is an SDXL model, not an SDXL refiner", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", tiny("sd1").single_file, "--refiner", refiner, *common),
+    assert_refused(sdcli("generate", "a cat", "-m", tiny("sd1").single_file, "--refiner", refiner, *common),
                    "finishes an SDXL base model's images", "SD 1.x", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", base, "--refiner-switch", "0.5", *common),
+    assert_refused(sdcli("generate", "a cat", "-m", base, "--refiner-switch", "0.5", *common),
                    "give --refiner MODEL too", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", base, "--refiner", refiner, "--refiner-switch", "0",
+    assert_refused(sdcli("generate", "a cat", "-m", base, "--refiner", refiner, "--refiner-switch", "0",
                              *common), "--refiner-switch must be above 0", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", base, "--aesthetic-score", "6", *common),
+    assert_refused(sdcli("generate", "a cat", "-m", base, "--aesthetic-score", "6", *common),
                    "condition SDXL refiners", folder=out)
-    assert_refused(run_sdcli("img2img", "a cat", "-i", image, "-m", refiner, "--aesthetic-score", "11", *common),
+    assert_refused(sdcli("img2img", "a cat", "-i", image, "-m", refiner, "--aesthetic-score", "11", *common),
                    "--aesthetic-score must be between 0 and 10", folder=out)
-    assert_refused(run_sdcli("inpaint", "a cat", "-i", image, "--mask", image, "-m", base, "--refiner", refiner,
+    assert_refused(sdcli("inpaint", "a cat", "-i", image, "--mask", image, "-m", base, "--refiner", refiner,
                              *common), "No such option", folder=out)
     assert files(out) == set()
 

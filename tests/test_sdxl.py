@@ -155,24 +155,24 @@ def test_generate_records_the_size_conditioning_and_renders_it_again(xl, tmp_pat
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(plain)))
 
 
-def test_mistakes_are_one_line(xl, tiny, tmp_path):
+def test_mistakes_are_one_line(xl, tiny, tmp_path, sdcli):
     from safetensors.torch import load_file, save_file
 
-    from hostile import assert_refused, files, run_sdcli
+    from hostile import assert_refused, files
 
     out = tmp_path / "out"
     out.mkdir()
     base, refiner = xl("base").single_file, xl("refiner").single_file
     common = ("-W", "64", "-H", "64", "--steps", "2", "-o", out / "x.png")
-    assert_refused(run_sdcli("generate", "a cat", "-m", refiner, *common), "SDXL refiner", "--refiner",
+    assert_refused(sdcli("generate", "a cat", "-m", refiner, *common), "SDXL refiner", "--refiner",
                    "img2img", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", tiny("sd1").single_file, "--original-size", "1024x1024",
+    assert_refused(sdcli("generate", "a cat", "-m", tiny("sd1").single_file, "--original-size", "1024x1024",
                              *common), "condition SDXL models", "SD 1.x", folder=out)
-    assert_refused(run_sdcli("generate", "a cat", "-m", base, "--crop-coords", "12", *common),
+    assert_refused(sdcli("generate", "a cat", "-m", base, "--crop-coords", "12", *common),
                    "--crop-coords must be two whole numbers", folder=out)
     state = load_file(str(base))
     no_l = tmp_path / "no-clip-l.safetensors"
     save_file({k: v for k, v in state.items() if not k.startswith("conditioner.embedders.0.")}, str(no_l))
-    assert_refused(run_sdcli("generate", "a cat", "-m", no_l, *common), "SDXL", "CLIP ViT-L", "incomplete",
+    assert_refused(sdcli("generate", "a cat", "-m", no_l, *common), "SDXL", "CLIP ViT-L", "incomplete",
                    folder=out)
     assert files(out) == set()

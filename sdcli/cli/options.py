@@ -87,6 +87,31 @@ AestheticOpt = Annotated[Optional[float], typer.Option(
 NegativeAestheticOpt = Annotated[Optional[float], typer.Option(
     "--negative-aesthetic-score", show_default=False,
     help="SDXL refiners: the score of the negative prompt's conditioning. [default: 2.5]")]
+# The fast modes (sdcli.sampling.fast): each off by default, and then exactly the full render.
+CacheIntervalOpt = Annotated[Optional[int], typer.Option(
+    "--cache-interval", metavar="N", show_default=False,
+    help="Feature caching (DeepCache): a full UNet pass every N steps; between them only the shallow blocks run, on "
+         "the deep features of the last full pass. 1: off. [default: 1]")]
+CacheBranchOpt = Annotated[Optional[int], typer.Option(
+    "--cache-branch", metavar="B", show_default=False,
+    help="The skip branch cached steps keep running: 0, the shallowest, is the fastest; higher keeps more. "
+         "[default: 0]")]
+CacheScheduleOpt = Annotated[Optional[str], typer.Option(
+    "--cache-schedule", show_default=False,
+    help="uniform (every N-th step full) or nonuniform (DeepCache's: as many full steps, more of them early). "
+         "[default: uniform]")]
+CfgCutoffOpt = Annotated[Optional[float], typer.Option(
+    "--cfg-cutoff", metavar="F", show_default=False,
+    help="Guide only the first fraction F of the steps, then run the conditional pass alone (diffusers' "
+         "SDCFGCutoffCallback). 1: off. [default: 1]")]
+SkipUncondOpt = Annotated[Optional[float], typer.Option(
+    "--skip-uncond-below", metavar="SIGMA", show_default=False,
+    help="On alternate steps below this noise level, skip the unconditional pass (A1111's NGMS, 'negative guidance "
+         "minimum sigma'; below 0.8 keeps quality). 0: off. [default: 0]")]
+TokenMergingOpt = Annotated[Optional[float], typer.Option(
+    "--token-merging", metavar="R", show_default=False,
+    help="Token merging (ToMe for SD): merge this fraction of the highest-resolution tokens before self-attention, "
+         "up to 0.75. 0: off. [default: 0]")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", metavar="PATH", show_default=False,
     help="A .safetensors checkpoint or a diffusers model folder. [default: a preset's or --from-image's model, "
@@ -109,6 +134,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image o
 VaeTilingOpt = Annotated[bool, typer.Option(
     "--vae-tiling", help="Encode and decode with the VAE in overlapping tiles (bounded memory for large images); "
                          "automatic above 768x768 px on SD models.")]
+VaeDecoderOpt = Annotated[Optional[str], typer.Option(
+    "--vae-decoder", metavar="PATH", show_default=False,
+    help="Decode (and, when the file has its encoder, encode) with this tiny autoencoder, TAESD: a taesd_decoder"
+         ".safetensors (taesdxl_ for SDXL) or a diffusers AutoencoderTiny folder. Fast, slightly softer images.")]
+PreviewOpt = Annotated[Optional[int], typer.Option(
+    "--preview", metavar="EVERY", show_default=False,
+    help="Write a live preview of each image every EVERY steps to OUTPUT.preview.png (with --vae-decoder's TAESD, "
+         "else a cheap latent-to-colour map); removed once the image is written.")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option(
     "--lora", metavar="FILE[:WEIGHT]", show_default=False,
     help="Apply a LoRA (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr): a .safetensors file or a name in --lora-dir, with "

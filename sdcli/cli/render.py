@@ -6,12 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from sdcli.cli.options import (AestheticOpt, BatchSizeOpt, CfgOpt, ClipSkipOpt, CropCoordsOpt, DeviceOpt,
+from sdcli.cli.options import (AestheticOpt, BatchSizeOpt, CacheBranchOpt, CacheIntervalOpt, CacheScheduleOpt,
+                               CfgCutoffOpt, CfgOpt, ClipSkipOpt, CropCoordsOpt, DeviceOpt,
                                EmbeddingsDirOpt, HeightOpt, ImageOpt, JsonOpt, LoraDirOpt, LoraOpt, ModelOpt,
                                NegativeAestheticOpt, NegativeOpt, NImagesOpt, OriginalSizeOpt, OutputOpt, OverwriteOpt,
-                               PrecisionOpt, PredictionOpt, PresetOpt, PromptArg, QuietOpt, RefinerOpt,
-                               RefinerSwitchOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt, StepsOpt, StrengthOpt,
-                               TileOpt, TileOverlapOpt, VaeOpt, VaeTilingOpt, WidthOpt, shared_options)
+                               PrecisionOpt, PredictionOpt, PresetOpt, PreviewOpt, PromptArg, QuietOpt, RefinerOpt,
+                               RefinerSwitchOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt, SkipUncondOpt, StepsOpt,
+                               StrengthOpt, TileOpt, TileOverlapOpt, TokenMergingOpt, VaeDecoderOpt, VaeOpt,
+                               VaeTilingOpt, WidthOpt, shared_options)
+from sdcli.sampling.fast import FAST_KEYS
 
 
 def _render_options(
@@ -29,11 +32,18 @@ def _render_options(
     clip_skip: ClipSkipOpt = None,
     original_size: OriginalSizeOpt = None,
     crop_coords: CropCoordsOpt = None,
+    cache_interval: CacheIntervalOpt = None,
+    cache_branch: CacheBranchOpt = None,
+    cache_schedule: CacheScheduleOpt = None,
+    cfg_cutoff: CfgCutoffOpt = None,
+    skip_uncond_below: SkipUncondOpt = None,
+    token_merging: TokenMergingOpt = None,
     lora: LoraOpt = None,
     lora_dir: LoraDirOpt = None,
     embeddings_dir: EmbeddingsDirOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
+    vae_decoder: VaeDecoderOpt = None,
     prediction: PredictionOpt = None,
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
@@ -43,6 +53,7 @@ def _render_options(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     vae_tiling: VaeTilingOpt = False,
+    preview: PreviewOpt = None,
     from_file: Annotated[Optional[str], typer.Option(
         "--from-file", metavar="FILE", show_default=False,
         help="Prompts file: one prompt per line, optionally with options ('a cat --seed 5 --steps 30'), "
@@ -59,19 +70,21 @@ def _render_options(
 
 render_command = shared_options(_render_options, leading=("prompt",))
 _FLAG_KEYS = ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height",
-              "n_images", "batch_size", "clip_skip", "output", "lora", "original_size", "crop_coords")
+              "n_images", "batch_size", "clip_skip", "output", "lora", "original_size", "crop_coords",
+              *FAST_KEYS)
 
 
 def _render(task: str, o: dict, images: list[str] | None = None, refiner: str | None = None, **task_flags) -> None:
     from sdcli.render import RunFlags, generate as run
 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
-    settings = dict(model=o["model"], vae=o["vae"], refiner=refiner,
+    settings = dict(model=o["model"], vae=o["vae"], vae_decoder=o["vae_decoder"], refiner=refiner,
                     prediction=o["prediction"].value if o["prediction"] else None,
                     device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None,
                     lora_dir=o["lora_dir"], embeddings_dir=o["embeddings_dir"])
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
-        RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"]), images)
+        RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"],
+                 preview=o["preview"]), images)
 
 
 @render_command

@@ -58,9 +58,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        # models.tome's TokenMerging while a run merges tokens here (not a module: no weights, no state)
+        self.token_merging = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """x [B, h*w, dim] (`size` = (h, w)), context [B, T, context_dim] -> [B, h*w, dim]."""
+        self_context = context if self.cross_only else None
+        if self.token_merging is None:
+            x = x + self.attn1(self.norm1(x), self_context)
+        else:  # ToMe: attn1 on fewer tokens, each merged one's output copied back to the tokens it stood for
+            merge, unmerge = self.token_merging.matching(x, size)
+            x = x + unmerge(self.attn1(merge(self.norm1(x)), self_context))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -93,7 +101,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         if self.use_linear:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # [B, HW, C] -> [B, C, H, W]

@@ -13,6 +13,7 @@ from torch import nn
 
 from sdcli.conditioning import Conditioning
 from sdcli.sampling.schedules import DiscreteSigmas
+from sdcli.sampling.speedups import Speedups
 from sdcli.tiling import tiles
 
 
@@ -29,7 +30,8 @@ class Denoiser(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.table.sigma_to_t(sigma)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                speedups: Speedups | None = None) -> torch.Tensor:
         # x: [B, C, h, w], sigma: [B]; cond.concat [B, C', h, w]: extra UNet input channels (inpainting UNets:
         # mask and masked-image latents), appended after the input scaling; the other parts go by keyword
         s = sigma.to(x.dtype)[:, None, None, None]
@@ -37,7 +39,10 @@ class Denoiser(nn.Module):
         inp = x / (s**2 + 1).sqrt()  # the UNet's unit-variance (VP) input
         if cond.concat is not None:
             inp = torch.cat([inp, cond.concat], dim=1)
-        out = self.unet(inp, t, **cond.unet_kwargs())
+        kwargs = cond.unet_kwargs()
+        if speedups is not None and (cache := speedups.cache(sigma, x)) is not None:
+            kwargs["cache"] = cache
+        out = self.unet(inp, t, **kwargs)
         s = s.to(out.dtype)
         if self.prediction == "eps":
             return x - s * out
@@ -63,18 +68,20 @@ class CFGDenoiser(Wrapper):
     """
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, uncond: Conditioning | None = None,
-                cond_scale: float = 1.0) -> torch.Tensor:
-        """uncond: the negative prompt's parts; the per-image parts (concat, class_labels, control) are cond's."""
-        if uncond is None or cond_scale == 1:  # the conditional prediction alone
-            return self.denoiser(x, sigma, cond)
+                cond_scale: float = 1.0, speedups: Speedups | None = None) -> torch.Tensor:
+        """uncond: the negative prompt's parts; the per-image parts (concat, class_labels, control) are cond's.
+        `speedups` may drop the unconditional pass (the conditional prediction alone, as with guidance off)."""
+        if uncond is None or cond_scale == 1 or (speedups is not None and not speedups.guided(sigma)):
+            return self.denoiser(x, sigma, cond, speedups)
         uncond = uncond.with_image_parts(cond)
         if uncond.context.shape[1] == cond.context.shape[1]:
             # [2B, ...] part by part: unconditional first, as diffusers batches them
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([uncond, cond]))
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([uncond, cond]),
+                                 speedups)
             uncond_out, cond_out = both.chunk(2)
         else:  # prompts of different lengths (in 77-token chunks): two passes, as A1111 does by default
-            uncond_out = self.denoiser(x, sigma, uncond)
-            cond_out = self.denoiser(x, sigma, cond)
+            uncond_out = self.denoiser(x, sigma, uncond, speedups)
+            cond_out = self.denoiser(x, sigma, cond, speedups)
         return uncond_out + (cond_out - uncond_out) * cond_scale
 
 

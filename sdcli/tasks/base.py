@@ -70,6 +70,7 @@ class Task:
         """The task's defaults that depend on the model, and the checks that need it. `refined`: a --refiner
         finishes the images."""
         from sdcli.sampling import SAMPLERS, check_steps
+        from sdcli.sampling.fast import check_branch, fast_modes
 
         r = self.defaults(r, cfg)
         for steps, asked in self.schedules(r):  # refused before the first image, not after it
@@ -85,6 +86,8 @@ class Task:
             raise SdcliError("--refiner-switch says when --refiner takes over: give --refiner MODEL too")
         if refined and r.refiner_switch is None:
             r = dataclasses.replace(r, refiner_switch=REFINER_SWITCH)
+        u = cfg.unet
+        check_branch(fast_modes(r), len(u.channel_mult) * (u.num_res_blocks + 1))  # its input blocks
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
