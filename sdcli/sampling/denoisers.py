@@ -71,17 +71,19 @@ class CFGDenoiser(Wrapper):
                 cond_scale: float = 1.0, speedups: Speedups | None = None) -> torch.Tensor:
         """uncond: the negative prompt's parts; the per-image parts (concat, class_labels, control) are cond's.
         `speedups` may drop the unconditional pass (the conditional prediction alone, as with guidance off)."""
+        # only a run with speedups passes them on: any (x, sigma, cond) denoiser serves the others
+        extra = {} if speedups is None else {"speedups": speedups}
         if uncond is None or cond_scale == 1 or (speedups is not None and not speedups.guided(sigma)):
-            return self.denoiser(x, sigma, cond, speedups)
+            return self.denoiser(x, sigma, cond, **extra)
         uncond = uncond.with_image_parts(cond)
         if uncond.context.shape[1] == cond.context.shape[1]:
             # [2B, ...] part by part: unconditional first, as diffusers batches them
             both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([uncond, cond]),
-                                 speedups)
+                                 **extra)
             uncond_out, cond_out = both.chunk(2)
         else:  # prompts of different lengths (in 77-token chunks): two passes, as A1111 does by default
-            uncond_out = self.denoiser(x, sigma, uncond, speedups)
-            cond_out = self.denoiser(x, sigma, cond, speedups)
+            uncond_out = self.denoiser(x, sigma, uncond, **extra)
+            cond_out = self.denoiser(x, sigma, cond, **extra)
         return uncond_out + (cond_out - uncond_out) * cond_scale
 
 
