@@ -99,9 +99,7 @@ def test_presets_and_flag_precedence(model, run_cli, tmp_path):
     assert code == 0, err
     [rec] = records(out)
     assert (rec["steps"], rec["sampler"], rec["cfg_scale"], rec["negative_prompt"]) == (2, "euler", 4.0, "ugly")
-    # the fast preset caches from branch 6, which every SD and SDXL model has and the tiny test model has not
-    code, out, err = run_cli("generate", "a boat", "--preset", "fast", *SIZE, "--json", "--steps", "2")
-    assert code == 2 and "--cache-branch 6" in err and "the branch can be 0 to" in err, err
+    # the fast preset caches from branch 6, which every SD and SDXL model has, a small test model maybe not
     code, out, err = run_cli("generate", "a boat", "--preset", "fast", *SIZE, "--json", "--steps", "2",
                              "--cache-branch", "1")
     [rec] = records(out)
