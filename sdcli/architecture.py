@@ -98,6 +98,11 @@ class UNetConfig:
         return self.num_heads, channels // self.num_heads
 
     @property
+    def input_blocks(self) -> int:
+        """The UNet's input blocks, as many skip branches: conv_in, then each level's resnets and its downsample."""
+        return len(self.channel_mult) * (self.num_res_blocks + 1)
+
+    @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
 

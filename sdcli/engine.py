@@ -211,7 +211,7 @@ class Engine:
                  "cond_scale": batch.s.cfg_scale}
         fast = batch.s.fast
         if fast.on:  # a run's own state: its caches, its steps
-            extra["speedups"] = Speedups(fast, batch.sigmas, len(self.model.unet.input_blocks))
+            extra["speedups"] = Speedups(fast, batch.sigmas, self.cfg.unet.input_blocks)
         sampler = SAMPLERS[batch.s.sampler]
         noise = ((lambda sigma, sigma_next: self.noise(batch.generators, tuple(x.shape[1:])))
                  if sampler.stochastic else None)

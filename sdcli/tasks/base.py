@@ -86,8 +86,7 @@ class Task:
             raise SdcliError("--refiner-switch says when --refiner takes over: give --refiner MODEL too")
         if refined and r.refiner_switch is None:
             r = dataclasses.replace(r, refiner_switch=REFINER_SWITCH)
-        u = cfg.unet
-        check_branch(fast_modes(r), len(u.channel_mult) * (u.num_res_blocks + 1))  # its input blocks
+        check_branch(fast_modes(r), cfg.unet.input_blocks)
         if r.clip_skip + cfg.text.skip_last_layers > cfg.text.layers:
             raise SdcliError(f"--clip-skip {r.clip_skip} is more than this model's text encoder has layers "
                              f"({cfg.text.layers - cfg.text.skip_last_layers} usable)")
