@@ -61,9 +61,13 @@ class Checkpoint:
         """SDXL base's second encoder's tokenizer (bigG's pads with "!"), or None."""
         return None if self.config.text_2 is None else _tokenizer(self.tokenizer_2_dir, self.config.text_2)
 
-    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, patch: Patch | None = None):
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, patch: Patch | None = None,
+             storage: torch.dtype | None = None):
         """The model, every part checked before any is read; `patch` (keyed by the model's state-dict names)
-        is applied to the tensors read, before they are assigned."""
+        is applied to the tensors read, before they are assigned. `storage` (float16): the weights are read in
+        it, each tensor converted on its own (no `dtype` copy of the model ever exists), and kept in it, each
+        layer computing in `dtype` (models.manual_cast)."""
+        read = storage or dtype
         model = self.meta_model()
         self.check(model)
         if patch:
@@ -71,10 +75,14 @@ class Checkpoint:
         for name, part in self.parts.items():
             prefix = model.COMPONENTS[name][1]
             own = {k.removeprefix(prefix): v for k, v in (patch or {}).items() if k.startswith(prefix)}
-            load_component(model.component(name), part, device, dtype, variant=self.config.variant, what=name,
+            load_component(model.component(name), part, device, read, variant=self.config.variant, what=name,
                            checked=True, patch=own)
         for encoder, _ in model.text_encoders:
             encoder.reset_position_ids()
+        if read != dtype:
+            from sdcli.models.manual_cast import store_half
+
+            store_half(model, read, compute=dtype)
         model.tokenizer, model.tokenizer_2 = self.tokenizer, self.tokenizer_2
         return model.eval().requires_grad_(False)
 
