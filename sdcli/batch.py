@@ -81,7 +81,7 @@ class Request:
 
 
 # Settings that belong to the whole run (the model is loaded once): presets may set them, lines may not.
-RUN_KEYS = ("model", "vae", "vae_decoder", "refiner", "prediction", "precision", "device")
+RUN_KEYS = ("model", "vae", "vae_decoder", "refiner", "prediction", "precision", "weights", "device")
 REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(Request))
 # field -> int, float, str or tuple (of str; Optional unwrapped)
 _TYPES = {k: tuple if typing.get_origin(t) is tuple else
@@ -294,6 +294,14 @@ def _sampler_alias(name: str, explicit_schedule: str | None) -> dict:
     if explicit_schedule:
         fields["schedule"] = explicit_schedule
     return fields
+
+
+WEIGHTS = ("auto", "fp32", "fp16")  # --weights (models.manual_cast)
+
+
+def check_weights(name: str | None) -> None:
+    if name is not None and name not in WEIGHTS:
+        raise SdcliError(f"--weights must be auto, fp32 or fp16, not {shown(name)}")
 
 
 def check_run(settings: dict, where: str) -> dict:

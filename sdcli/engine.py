@@ -93,7 +93,8 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 class Engine:
-    """A model with its device, precision and noise levels. Weights stay fp32; half precision is autocast."""
+    """A model with its device, precision and noise levels. Half precision is autocast; the weights are fp32, or
+    fp16 upcast per layer (--weights fp16, models.manual_cast)."""
 
     def __init__(self, model, device: torch.device, precision: str = "fp32", vae_tiling: bool | None = None,
                  loras: Loras | None = None, embeddings=None, refiner: Engine | None = None, tiny=None):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcli import __version__, distributed
-from sdcli.batch import MAX_RUN_IMAGES, Request, check_run, merge, validate
+from sdcli.batch import MAX_RUN_IMAGES, Request, check_run, check_weights, merge, validate
 from sdcli.jobs import Job, check_outputs, done_keys, plan
 from sdcli.errors import SdcliError
 from sdcli.fileio import write_stdout
@@ -53,6 +53,7 @@ class Run:
     embeddings: object  # networks.embeddings.Embeddings, or None without --embeddings-dir
     refiner: object = None  # --refiner's checkpoint (loading.inspect_model's), or None
     tiny: object = None  # --vae-decoder's models.taesd.TinyAutoencoder, or None
+    weights: str = "fp32"  # --weights, decided: "fp32", or "fp16" (stored in half, upcast per layer)
 
     @property
     def model_name(self) -> str:
@@ -141,11 +142,13 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
                          "split the prompts or lower --n-images")
     if opts.preview is not None:
         check_preview(opts.preview, requests)
+    check_weights(settings.get("weights"))
     sources = _load_inputs(task, requests)
     # everything above reads only the user's input; the model (and torch) come from here on
     from sdcli.engine import pick_device, pick_precision
     from sdcli.loading import inspect_model
     from sdcli.loading.taesd import for_run as tiny_for_run, split_vae
+    from sdcli.models.manual_cast import fp32_bytes, pick_weights
 
     model_path = settings.get("model") or demo_model()
     device = distributed.device_for_rank(pick_device(settings.get("device") or "auto"))
@@ -156,6 +159,12 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     task.check_model(cfg, model_path)
     tiny, note = tiny_for_run(settings, cfg, device, half=precision == "fp16")
     refiner = _refiner(task, settings.get("refiner"), cfg, model_path)
+    asked, needed = settings.get("weights") or "auto", fp32_bytes(checkpoint, refiner)
+    weights = pick_weights(asked, needed, device)
+    notes = [note] if note else []
+    if asked == "auto" and weights == "fp16":
+        notes.append(f"the fp32 model needs about {needed / 2**30:.1f} GiB and less RAM is free: its weights are "
+                     "kept in fp16 and upcast per layer (--weights fp32 to keep them in fp32)")
     if record:
         requests = task.adopt_record(requests, record, flags, cfg)
     requests = [task.resolve(r, cfg, refined=refiner is not None) for r in requests]
@@ -165,7 +174,7 @@ def generate(task: str, prompt: str | None, flags: dict, run: dict, preset: str 
     distributed.init(device.type)
     try:
         _plan_and_render(Run(task, requests, sources, model_path, checkpoint, device, precision, settings, record,
-                             from_image, opts, loras, embeddings, refiner, tiny), note)
+                             from_image, opts, loras, embeddings, refiner, tiny, weights), notes)
     finally:
         if owned:
             distributed.cleanup()
@@ -202,9 +211,10 @@ def _load_inputs(task: Task, requests: list[Request]) -> dict:
     return sources
 
 
-def _plan_and_render(run: Run, tiny_note: str | None = None) -> None:
+def _plan_and_render(run: Run, notes: list[str] = ()) -> None:
     """generate, once the requests are checked: plan every image, check the outputs, load the model, render."""
     from sdcli.engine import Engine
+    from sdcli.models.manual_cast import STORAGE
 
     cfg = run.checkpoint.config
     rank, processes, _ = distributed.world()
@@ -250,15 +260,16 @@ def _plan_and_render(run: Run, tiny_note: str | None = None) -> None:
                         "set SDCLI_MODEL")
     for note in run.checkpoint.notes if rank == 0 else ():  # what the model's files left unsaid, sdcli assumed
         console.message(f"note: {run.model_path}: {note}")
-    if tiny_note and rank == 0:
-        console.message(f"note: {tiny_note}")
+    for note in notes if rank == 0 else ():  # the run's choices made for the user (--vae-decoder, --weights)
+        console.message(f"note: {note}")
     if (ignored := ignored_tags(run.requests)) and rank == 0:
         console.message(f"note: sdcli does not load {', '.join(ignored)} (only <lora:...> extra networks): "
                         "left out of the prompt")
-    refiner = run.refiner and Engine(run.refiner.load(run.device), run.device, run.precision,
+    storage = STORAGE[run.weights]
+    refiner = run.refiner and Engine(run.refiner.load(run.device, storage=storage), run.device, run.precision,
                                      vae_tiling=run.settings.get("vae_tiling"), embeddings=run.embeddings,
                                      tiny=run.tiny)
-    engine = Engine(run.checkpoint.load(run.device), run.device, run.precision,
+    engine = Engine(run.checkpoint.load(run.device, storage=storage), run.device, run.precision,
                     vae_tiling=run.settings.get("vae_tiling"), loras=run.loras, embeddings=run.embeddings,
                     refiner=refiner, tiny=run.tiny)
     vae, tiny = run.settings.get("vae"), run.settings.get("vae_decoder")
@@ -269,7 +280,7 @@ def _plan_and_render(run: Run, tiny_note: str | None = None) -> None:
                   vae=Path(vae).name if vae else None, vae_path=str(Path(vae).resolve()) if vae else None,
                   vae_decoder=Path(tiny).name if tiny else None,
                   vae_decoder_path=str(Path(tiny).resolve()) if tiny else None,
-                  prediction=cfg.prediction, precision=run.precision, version=f"sdcli {__version__}")
+                  prediction=cfg.prediction, precision=run.precision, weights=run.weights, version=f"sdcli {__version__}")
     if run.refiner:
         path = run.settings["refiner"]
         common.update(refiner=model_name(path), refiner_path=str(Path(path).resolve()), refiner_hash=model_hash(path))

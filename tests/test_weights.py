@@ -206,3 +206,79 @@ def test_fp16_is_read_from_the_file_as_fp16(tiny, monkeypatch):
                         read(path, keys, device, dtype))
     open_checkpoint(tiny("sd1").single_file).load(storage=HALF)
     assert asked and set(asked) == {HALF}
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_generate_weights_fp16_and_auto(tiny, tmp_path, run_cli, monkeypatch):
+    """--weights fp16 renders within 2/255 of fp32, says so in the PNG, and loads fp16-stored layers; auto picks
+    fp16 (with a note) when MemAvailable is below what the fp32 model needs, and is the fp32 render otherwise."""
+    import sdcli.models.manual_cast as manual_cast
+    from sdcli.engine import Engine as RealEngine
+    from sdcli.metadata import read_png
+
+    stored = []
+
+    def engine(model, *args, **kwargs):
+        stored.append(stored_half(model))
+        return RealEngine(model, *args, **kwargs)
+
+    monkeypatch.setattr("sdcli.engine.Engine", engine)
+    model = tiny("sd1").single_file
+    base = ("generate", "an astronaut riding a horse", "-m", model, "--seed", "5", "--steps", "6", "-W", "64",
+            "-H", "64")
+    runs = {"fp32": ("--weights", "fp32"), "fp16": ("--weights", "fp16"), "auto-low": (), "auto-high": ()}
+    for name, extra in runs.items():
+        free = 1 if name == "auto-low" else 1 << 50
+        monkeypatch.setattr(manual_cast, "available_ram", lambda free=free: free)
+        code, _, err = run_cli(*base, *extra, "-o", tmp_path / f"{name}.png")
+        assert code == 0, err
+        assert ("kept in fp16" in err) == (name == "auto-low"), err
+    assert stored == [False, True, True, False]
+    images = {name: _pixels(tmp_path / f"{name}.png") for name in runs}
+    assert np.abs(images["fp16"] - images["fp32"]).max() <= 2
+    assert np.array_equal(images["auto-low"], images["fp16"])
+    assert np.array_equal(images["auto-high"], images["fp32"])
+    assert [read_png(tmp_path / f"{n}.png")["weights"] for n in runs] == ["fp32", "fp16", "fp16", "fp32"]
+
+
+@pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
+def test_a_bad_weights_value_is_one_line(tiny, tmp_path, sdcli, command):
+    from hostile import assert_refused, files
+
+    image = tmp_path / "in.png"
+    _white_png(image)
+    extra = {"generate": (), "img2img": ("--image", image), "inpaint": ("--image", image, "--mask", image)}[command]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(sdcli(command, "a cat", "-m", tiny("sd1").single_file, *extra, "--weights", "half", "-o", out),
+                   "--weights must be auto, fp32 or fp16, not 'half'", folder=out, before=files(out))
+
+
+def _white_png(path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(path)
+
+
+def test_a_preset_may_set_weights_and_a_prompts_line_may_not(tiny, tmp_path, sdcli):
+    from hostile import assert_refused
+    from sdcli.metadata import read_png
+
+    preset = tmp_path / "low-memory.yaml"
+    preset.write_text("weights: fp16\nsteps: 2\n")
+    out = tmp_path / "preset.png"
+    result = sdcli("generate", "a cat", "-m", tiny("sd1").single_file, "--preset", preset, "-W", "64", "-H", "64",
+                   "-o", out)
+    assert result.rc == 0, result.err
+    assert read_png(out)["weights"] == "fp16"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --weights fp16\n")
+    assert_refused(sdcli("generate", "--from-file", prompts, "-m", tiny("sd1").single_file, "-o", tmp_path),
+                   "--weights applies to the whole run")

@@ -127,6 +127,10 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 PrecisionOpt = Annotated[Optional[str], typer.Option(
     "--precision", help="auto, fp32, fp16 or bf16; auto is fp16 autocast on CUDA and fp32 elsewhere. "
                         "[default: auto]", show_default=False)]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    "--weights", help="auto, fp32 or fp16: fp16 keeps the weights in half the memory and upcasts each layer as it "
+                      "runs (the arithmetic stays fp32 on the CPU); auto is fp16 on a CPU whose free RAM would not "
+                      "hold the fp32 model. [default: auto]", show_default=False)]
 PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", metavar="NAME|FILE", help="Settings from presets/NAME.yaml or a YAML file; flags override them.",
     show_default=False)]

@@ -13,7 +13,7 @@ from sdcli.cli.options import (AestheticOpt, BatchSizeOpt, CacheBranchOpt, Cache
                                PrecisionOpt, PredictionOpt, PresetOpt, PreviewOpt, PromptArg, QuietOpt, RefinerOpt,
                                RefinerSwitchOpt, ResizeOpt, SamplerOpt, ScheduleOpt, SeedOpt, SkipUncondOpt, StepsOpt,
                                StrengthOpt, TileOpt, TileOverlapOpt, TokenMergingOpt, VaeDecoderOpt, VaeOpt,
-                               VaeTilingOpt, WidthOpt, shared_options)
+                               VaeTilingOpt, WeightsOpt, WidthOpt, shared_options)
 from sdcli.sampling.fast import FAST_KEYS
 
 
@@ -49,6 +49,7 @@ def _render_options(
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    weights: WeightsOpt = None,
     preset: PresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -80,7 +81,7 @@ def _render(task: str, o: dict, images: list[str] | None = None, refiner: str | 
     flags = {k: o[k] for k in _FLAG_KEYS if o[k] is not None} | {k: v for k, v in task_flags.items() if v is not None}
     settings = dict(model=o["model"], vae=o["vae"], vae_decoder=o["vae_decoder"], refiner=refiner,
                     prediction=o["prediction"].value if o["prediction"] else None,
-                    device=o["device"], precision=o["precision"], vae_tiling=o["vae_tiling"] or None,
+                    device=o["device"], precision=o["precision"], weights=o["weights"], vae_tiling=o["vae_tiling"] or None,
                     lora_dir=o["lora_dir"], embeddings_dir=o["embeddings_dir"])
     run(task, o["prompt"], flags, settings, o["preset"], o["from_file"], o["from_image"],
         RunFlags(overwrite=o["overwrite"], resume=o["resume"], as_json=o["as_json"], quiet=o["quiet"],

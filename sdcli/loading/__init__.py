@@ -18,7 +18,7 @@ import torch
 
 from sdcli.errors import ModelLoadError
 from sdcli.loading.checkpoint import PREDICTIONS, Checkpoint
-from sdcli.loading.component import load_component
+from sdcli.loading.component import load_component, on_meta
 from sdcli.loading.files import PICKLE_SUFFIXES, exists, open_safetensors
 from sdcli.loading.folder import read_folder
 from sdcli.loading.patch import Patch, Patcher
@@ -37,10 +37,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     patch: Patch | None = None,
+    storage: torch.dtype | None = None,
 ):
     """Load a single-file .safetensors or a diffusers folder into a StableDiffusion model; `patch` (weight
-    name -> delta or function, see loading.patch) is applied to the weights as they are loaded."""
-    return open_checkpoint(path, vae, prediction).load(device, dtype, patch)  # load() runs the strict check
+    name -> delta or function, see loading.patch) is applied to the weights as they are loaded; `storage`
+    (float16): the weights are kept in it and upcast per layer (Checkpoint.load)."""
+    return open_checkpoint(path, vae, prediction).load(device, dtype, patch, storage)  # load() runs the strict check
 
 
 def inspect_model(path: str | Path, *, vae: str | Path | None = None, prediction: str | None = None) -> Checkpoint:
@@ -95,7 +97,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         vae_cfg, part, scale = vae_part(path)
     if scale is None:  # a VAE folder's config checked it when it gives one
         scale = 0.18215
-    with torch.device("meta"):
+    with on_meta():
         vae = AutoencoderKL(vae_cfg)
     load_component(vae, part, device, dtype, variant="VAE", what="vae")
     return vae.eval().requires_grad_(False), float(scale)

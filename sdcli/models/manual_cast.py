@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.errors import SdcliError
-
-WEIGHTS = ("auto", "fp32", "fp16")
+from sdcli.batch import check_weights
 STORAGE = {"fp32": None, "fp16": torch.float16}  # --weights -> Checkpoint.load's storage
 # What a generate needs beyond the weights at 512 px (imports 0.45 GiB, the UNet 0.3, the VAE decode 1.6): SD 1.5
 # peaks at 6.5 GiB with its 3.97 GiB of fp32 weights (scripts/measure_weights_memory.py)
@@ -146,8 +144,7 @@ def pick_weights(name: str, needed: int, device: torch.device | str = "cpu", ava
     """--weights -> "fp32" or "fp16". auto: fp16 on the CPU when the RAM available (`available`, or
     MemAvailable) is less than `needed` (fp32_bytes), fp32 when it holds that or cannot be read; fp32 on a GPU,
     whose weights are in its own memory and whose precision is autocast's (--precision)."""
-    if name not in WEIGHTS:
-        raise SdcliError(f"--weights must be auto, fp32 or fp16, not {name!r}")
+    check_weights(name)
     if name != "auto":
         return name
     if torch.device(device).type != "cpu":
