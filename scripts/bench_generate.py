@@ -30,9 +30,10 @@ DIFFUSERS_SCHEDULERS = {  # ours -> (diffusers class, config), the pairs tests/t
 def diffusers_pipeline(model, sampler: str):
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sdcli.loading.keymaps import rename_layout, unet_diffusers_name, vae_diffusers_name
+    from sdcli.models.text import clip_vocab
 
     cfg = model.cfg
     unet_cfg = dict(
@@ -54,15 +55,17 @@ def diffusers_pipeline(model, sampler: str):
     state = rename_layout(list(model.vae.state_dict()), vae_diffusers_name(cfg.vae)).to_file(model.vae.state_dict())
     shapes = vae.state_dict()
     vae.load_state_dict({k: v.reshape(shapes[k].shape) for k, v in state.items()}, strict=True)
-    ours_text = model.text_encoder.transformer.text_model
-    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in ours_text.config.to_dict().items()
-                                           if k in CLIPTextConfig().to_dict()})).eval()
-    text.load_state_dict(ours_text.state_dict(), strict=True)
+    t = cfg.text
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
+                                        num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                                        max_position_embeddings=t.max_positions, hidden_act=t.activation,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=1)).eval()
+    text.load_state_dict(model.text_encoder.transformer.text_model.state_dict(), strict=True)
     name, extra = DIFFUSERS_SCHEDULERS[sampler]
     scheduler = getattr(diffusers, name)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon",
                                          **extra)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=model.tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer(*clip_vocab(), pad_token=t.pad_token), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -269,7 +269,10 @@ def test_stdin_prompts_and_stdout_png_through_a_pipe(model, tmp_path):
 def test_interrupted_batch_resumes_where_it_stopped(model, tmp_path):
     Path("prompts.txt").write_text("".join(f"prompt number {i} --seed {i}\n" for i in range(8)))
     args = ["generate", "--from-file", "prompts.txt", "--steps", "30", "-W", "64", "-H", "64", "-o", "out/"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C's default action restored: a suite started in the background (nohup, &) runs with SIGINT ignored,
+    # which its children would inherit
+    proc = subprocess.Popen([sys.executable, "-m", "sdcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(Path("out").glob("*.png"))) < 2:
         time.sleep(0.05)

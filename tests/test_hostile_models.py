@@ -396,7 +396,10 @@ def test_info_to_a_full_disk_is_one_line(tiny):
     assert proc.stderr.strip().splitlines() == ["sdcli: error: cannot write to stdout: No space left on device"]
 
 
-def test_a_damaged_tokenizer_config_is_one_line(folder, run_cli):
-    (folder / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": "abc"}')
+@pytest.mark.parametrize("config", ['{"pad_token": 5}', '{"unk_token": {"content": ""}}', '{"pad_token": "a"'])
+def test_a_damaged_tokenizer_config_is_one_line(folder, run_cli, config):
+    """What sdcli reads of the config (its special tokens) is checked; fields it does not use (model_max_length:
+    the text encoder's positions bound the prompt chunks) are not."""
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(config)
     line = refused(run_cli, "info", str(folder))
     assert "tokenizer" in line and "cannot be read as a CLIP tokenizer" in line

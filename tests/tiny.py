@@ -105,6 +105,16 @@ class TinyModel:
     text_encoder: object  # what conditions the UNet (for SD 2.x: the penultimate layers' model)
 
 
+def reference_tokenizer(pad: str = "<|endoftext|>"):
+    """transformers' CLIPTokenizer on the CLIP vocabulary sdcli ships: the reference, and what diffusers takes."""
+    from transformers import CLIPTokenizer
+
+    from sdcli.models.text import clip_vocab
+
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
+
+
 def build(kind: str, root: Path) -> TinyModel:
     from diffusers import (
         DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
@@ -112,7 +122,6 @@ def build(kind: str, root: Path) -> TinyModel:
     )
 
     from sdcli.loading.keymaps import openclip_layout
-    from sdcli.models.text import clip_tokenizer
 
     family = FAMILY[kind]
     seed = list(UNET_KINDS).index(kind) * 10  # distinct weights for every kind
@@ -125,7 +134,7 @@ def build(kind: str, root: Path) -> TinyModel:
     text_full = clip_text(family, 2 + extra, seed + 2)
     text = clip_text(family, 2)
     text.load_state_dict({k: v for k, v in text_full.state_dict().items() if f"layers.{2}." not in k})
-    tokenizer = clip_tokenizer("!" if family == "sd2" else "<|endoftext|>")
+    tokenizer = reference_tokenizer("!" if family == "sd2" else "<|endoftext|>")
 
     folder = root / f"tiny-{kind}"
     common = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)

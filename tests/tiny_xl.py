@@ -57,7 +57,7 @@ def build(kind: str, root: Path) -> TinyXL:
     from diffusers import UNet2DConditionModel
 
     from sdcli.loading.keymaps import openclip_layout
-    from sdcli.models.text import clip_tokenizer
+    from tiny import reference_tokenizer as clip_tokenizer
 
     seed = SEEDS[kind]
     unet = UNet2DConditionModel(

@@ -10,7 +10,7 @@ import torch
 
 from sdcli.config import ModelConfig
 from sdcli.errors import ModelLoadError
-from sdcli.loading.component import Part, check_component, load_component
+from sdcli.loading.component import Part, check_component, load_component, on_meta
 from sdcli.loading.patch import Patch, check_patch
 
 PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
@@ -36,7 +36,7 @@ class Checkpoint:
         from sdcli.models import StableDiffusion
 
         try:
-            with torch.device("meta"):
+            with on_meta():
                 return StableDiffusion(self.config)
         except (ValueError, TypeError, ZeroDivisionError) as e:  # widths GroupNorm or heads cannot split
             raise ModelLoadError(f"{self.path}: the architecture detected from it cannot be built ({e})") from None
@@ -77,8 +77,6 @@ class Checkpoint:
             own = {k.removeprefix(prefix): v for k, v in (patch or {}).items() if k.startswith(prefix)}
             load_component(model.component(name), part, device, read, variant=self.config.variant, what=name,
                            checked=True, patch=own)
-        for encoder, _ in model.text_encoders:
-            encoder.reset_position_ids()
         if read != dtype:
             from sdcli.models.manual_cast import store_half
 

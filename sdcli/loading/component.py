@@ -3,9 +3,10 @@ and assigned to it. Used for each part of a model, for a VAE on its own, and for
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,6 +15,24 @@ from sdcli.loading.check import check_tensors, fit
 from sdcli.loading.files import read_tensors
 from sdcli.loading.keymaps import Layout, State
 from sdcli.loading.patch import Patch, patched
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Modules built inside are on the meta device, their parameters left uninitialised (the file's tensors
+    are assigned to them): on the meta device torch runs init.normal_ through its compiled references, whose
+    first call imports torch._dynamo, 1.6 s of every start-up."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "constant_", "trunc_normal_",
+             "xavier_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 @dataclass

@@ -264,18 +264,11 @@ def _tokenizer(tokenizer, t: TextEncoderConfig, attribute: str):
 
 
 def _write_tokenizer(folder: Path, tokenizer) -> None:
-    """vocab.json and merges.txt (readable by any CLIP tokenizer) plus what transformers' save_pretrained
-    writes (tokenizer.json, tokenizer_config.json, ...), each file moved into place atomically."""
-    from sdcli.models.text import clip_vocab
-
+    """vocab.json and merges.txt (readable by any CLIP tokenizer), tokenizer.json and tokenizer_config.json
+    (models.tokenizer.save_pretrained), each file moved into place atomically."""
     _mkdir(folder)
-    vocab, merges = clip_vocab()
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False).encode(),
-        "merges.txt": "\n".join(["#version: 0.2", *(" ".join(m) for m in merges)]).encode() + b"\n",
-    }
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        files.update({p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()})
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     for name, data in files.items():
         _write_bytes(folder / name, data)

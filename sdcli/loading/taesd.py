@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sdcli.errors import ModelLoadError, printable, shown
-from sdcli.loading.component import Part, load_component
+from sdcli.loading.component import Part, load_component, on_meta
 from sdcli.loading.files import examples, exists, open_safetensors, read_json
 from sdcli.loading.folder import component_weights
 from sdcli.loading.keymaps import State, rename_layout
@@ -64,7 +64,7 @@ def load_taesd(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     else:
         parts = _file(path)
     channels = _latent_channels(parts)
-    with torch.device("meta"):
+    with on_meta():
         model = arch.TinyAutoencoder(channels, encoder="encoder" in parts, decoder="decoder" in parts)
     for half, part in parts.items():
         load_component(getattr(model, half), part, device, dtype, variant="TAESD", what=f"TAESD {half}")

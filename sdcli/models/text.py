@@ -1,4 +1,4 @@
-"""Text conditioning: the CLIP BPE tokenizer and the CLIP text transformer from `transformers`."""
+"""Text conditioning: the CLIP BPE tokenizer (models.tokenizer) and the CLIP text transformer (models.clip)."""
 
 from __future__ import annotations
 
@@ -17,35 +17,23 @@ BOS, EOS = 49406, 49407
 
 
 class TextEncoder(nn.Module):
-    """`cond_stage_model`: a transformers CLIPTextModel at `transformer.text_model`, the SD 1.x key path.
+    """`cond_stage_model`: a CLIP text transformer at `transformer.text_model`, the SD 1.x key path, with
+    transformers' CLIPTextModel's module names (models.clip).
 
     SD 2.x's OpenCLIP weights are renamed into the same module when loaded (see loading.keymaps).
     """
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from sdcli.models.clip import CLIPTextTransformer
 
         self.cfg = cfg
-        clip_cfg = CLIPTextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-            max_position_embeddings=cfg.max_positions, hidden_act=cfg.activation,
-            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1,
-        )
-        clip_cfg._attn_implementation = "sdpa"
-        # transformers 5 dropped the `text_model` level; keep it so the state-dict keys are the checkpoint's.
         self.transformer = nn.Module()
-        self.transformer.text_model = CLIPTextModel(clip_cfg)
+        self.transformer.text_model = CLIPTextTransformer(cfg)
         if cfg.projection_dim:  # OpenCLIP's orientation, x @ P: SDXL's pooled vector; SD 2.x's only round-trips
             self.register_buffer("text_projection", torch.empty(cfg.width, cfg.projection_dim))
             if cfg.layout == "openclip":  # never used: kept so OpenCLIP single files round-trip
                 self.register_buffer("logit_scale", torch.empty(()))
-
-    def reset_position_ids(self) -> None:
-        """Recreate the non-persistent position ids (they stay on the meta device after a meta build)."""
-        emb = self.transformer.text_model.embeddings
-        emb.position_ids = torch.arange(self.cfg.max_positions, device=emb.token_embedding.weight.device)[None]
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1,
                 fixes: list[tuple[int, int, torch.Tensor]] | None = None, pooled: bool = False):
@@ -74,17 +62,16 @@ class TextEncoder(nn.Module):
 
     def _encode(self, ids: torch.Tensor, clip_skip: int, pooled: bool):
         model = self.transformer.text_model
-        skip = self.cfg.skip_last_layers + clip_skip - 1
-        out = model(ids, output_hidden_states=skip > 0)
-        hidden = out.last_hidden_state
-        if skip:
-            hidden = out.hidden_states[-1 - skip]
-            hidden = model.final_layer_norm(hidden) if self.cfg.final_norm else hidden
+        n = len(model.encoder.layers)
+        skip = self.cfg.skip_last_layers + clip_skip - 1  # layers left out (tasks.base bounds it below n)
+        h = model.run(model.embeddings(ids), 0, n - skip)  # [B, T, width]
+        hidden = model.final_layer_norm(h) if not skip or self.cfg.final_norm else h
         if not pooled:
             return hidden
+        final = hidden if not skip else model.final_layer_norm(model.run(h, n - skip, n))
         # the end-of-text token's position: the first EOS (padding may be EOS too, or "!")
         eos = (ids == EOS).int().argmax(dim=-1)
-        last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos]  # [B, width]
+        last = final[torch.arange(ids.shape[0], device=ids.device), eos]  # [B, width]
         return hidden, last @ self.text_projection.to(last.dtype)
 
 
@@ -123,23 +110,22 @@ def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 @functools.cache
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The CLIP tokenizer built from the package's BPE file, cached per process (building takes ~0.15 s)."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer built from the package's BPE file, cached per process."""
+    from sdcli.models.tokenizer import ClipTokenizer
 
     vocab, merges = clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+    return ClipTokenizer(vocab, merges, pad_token=pad_token)
 
 
 def folder_tokenizer(path: Path):
     """A diffusers folder's own `tokenizer/` (vocab.json + merges.txt, or tokenizer.json)."""
-    from transformers import CLIPTokenizer
-
     from sdcli.errors import ModelLoadError, printable
+    from sdcli.models.tokenizer import ClipTokenizer
 
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-        tokenizer("a photo")  # what its config says is used only now: a wrong type fails here, not mid-run
+        tokenizer = ClipTokenizer.from_folder(path)
+        tokenizer("a photo")
         return tokenizer
-    except Exception as e:  # transformers raises what its parsing meets: TypeError, ValueError, OSError, ...
+    except Exception as e:  # what a damaged file's parsing meets: ValueError, KeyError, OSError, TypeError, ...
         raise ModelLoadError(f"{path} cannot be read as a CLIP tokenizer ({type(e).__name__}: "
                              f"{printable(str(e).splitlines()[0] if str(e) else '')[:200]})") from None

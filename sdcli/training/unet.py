@@ -206,7 +206,6 @@ def new_model(init: str | None, vae: str | None, prediction: str | None, unet_cf
     except ValueError as e:  # GroupNorm or heads that do not divide a width
         raise SdcliError(f"this UNet cannot be built: {e}") from None
     model.first_stage_model = vae_module
-    model.text_encoder.reset_position_ids()
     zero_init(model.unet)
     return model.eval().requires_grad_(False), True
 
