@@ -28,10 +28,28 @@ STORAGE = {"fp32": None, "fp16": torch.float16}  # --weights -> Checkpoint.load'
 WORKING_BYTES = 5 << 29  # 2.5 GiB
 
 
-def _cast(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """`t` on `like`'s device in `dtype` (`like`'s by default): a new tensor for this call only (`t` itself when
-    it already is)."""
-    return None if t is None else t.to(device=like.device, dtype=dtype or like.dtype)
+def _cast(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None,
+          slot: int = 0) -> torch.Tensor | None:
+    """`t` on `like`'s device in `dtype` (`like`'s by default), for this call only (`t` itself when it already
+    is). Without autograd it is written into a scratch buffer kept per device, dtype and `slot` (a weight 0, its
+    bias 1): converting into memory already mapped is 3x faster than into a new tensor each layer (SD 1.5: 0.2 s
+    a UNet call instead of 0.6), for the memory of the largest weight."""
+    if t is None:
+        return None
+    dtype = dtype or like.dtype
+    if t.dtype == dtype and t.device == like.device:
+        return t
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return t.to(device=like.device, dtype=dtype)  # autograd may keep the weight: a tensor of its own
+    key = (like.device, dtype, slot)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < t.numel():
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            buf = _SCRATCH[key] = torch.empty(t.numel(), device=like.device, dtype=dtype)
+    return buf[:t.numel()].view(t.shape).copy_(t)
+
+
+_SCRATCH: dict = {}
 
 
 def _autocast(x: torch.Tensor) -> bool:
@@ -46,21 +64,21 @@ class CastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _autocast(x):
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x, slot=1))
 
 
 class CastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _autocast(x):
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x, slot=1))
 
 
 def _norm_weights(m: nn.Module, x: torch.Tensor) -> tuple:
     """A norm's weight and bias in float32 at least: its math stays float32 whatever the input (a bf16 input
     under autocast gives a bf16 output, as float32 weights do; float16 statistics would overflow)."""
     wide = torch.promote_types(x.dtype, torch.float32)
-    return _cast(m.weight, x, wide), _cast(m.bias, x, wide)
+    return _cast(m.weight, x, wide), _cast(m.bias, x, wide, slot=1)
 
 
 class CastGroupNorm(nn.GroupNorm):
@@ -77,9 +95,9 @@ class CastEmbedding(nn.Embedding):
     compute_dtype = torch.float32  # its input is ids: store_half sets the dtype its vectors come out in
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(self.compute_dtype)
-        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.sparse)
+        # the rows gathered, then cast: the same values as casting the whole table first, for a fraction of it
+        return F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse).to(self.compute_dtype)
 
 
 # exact classes only: a subclass may compute otherwise, and is left in the compute dtype
