@@ -197,9 +197,8 @@ def tokenize_prompt(tokenizer, prompt: str, chunk_length: int = 75, comma_backtr
 def _units(tokenizer, parsed: list[tuple[str, float]], embeddings, encoder: tuple, chunk_length: int) -> list[list]:
     """Each fragment's token ids, with an embedding's vectors [n, width] in place of its name (`encoder`: the
     (width, role, variant) that Embeddings.vectors takes)."""
-    # verbose=False: prompts longer than model_max_length are the point here, not a mistake to warn about
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    def tokenize(texts: list[str]) -> list[list[int]]:  # untruncated: long prompts are cut into chunks later
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     if embeddings is None:
         return tokenize([t for t, _ in parsed])

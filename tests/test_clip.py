@@ -2,6 +2,7 @@
 CLIPTextModel and CLIPTokenizer, the independent references: the same state-dict keys, the same hidden states
 at every clip skip, the same token ids for any text, and folders read as transformers reads them."""
 
+import functools
 import json
 
 import pytest
@@ -104,13 +105,7 @@ def test_any_text_tokenizes_as_transformers(text):
         _reference()(text, add_special_tokens=False)["input_ids"]
 
 
-_REF = {}
-
-
-def _reference():
-    if "ref" not in _REF:
-        _REF["ref"] = reference_tokenizer()
-    return _REF["ref"]
+_reference = functools.cache(reference_tokenizer)  # built once for the 300 examples
 
 
 @pytest.mark.parametrize("files", ["vocab", "tokenizer.json", "both"])

@@ -83,8 +83,8 @@ class ClipTokenizer:
         return self.unk_token_id if found is None else found
 
     def __call__(self, texts: str | list[str], add_special_tokens: bool = True, padding: bool | str = False,
-                 max_length: int | None = None, truncation: bool = False, return_tensors: str | None = None,
-                 verbose: bool = True) -> Encoded:
+                 max_length: int | None = None, truncation: bool = False, return_tensors: str | None = None
+                 ) -> Encoded:
         """Token ids of each text (a list of lists, or of one text a list); `padding="max_length"` with
         `truncation` gives rows of exactly `max_length` (the specials kept, as transformers truncates)."""
         one = isinstance(texts, str)
@@ -107,8 +107,9 @@ class ClipTokenizer:
         and diffusers read (transformers' own save writes the same pipeline)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / "tokenizer.json"))
-        model = json.loads(self.backend.to_str())["model"]
+        text = self.backend.to_str()  # serialised once: tokenizer.json, and the BPE tables read back from it
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+        model = json.loads(text)["model"]
         (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
