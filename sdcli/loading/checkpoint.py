@@ -147,12 +147,8 @@ def _tokenizer(folder: Path | None, text):
 
     if not folder:
         tokenizer, source = clip_tokenizer(text.pad_token), "the built-in CLIP tokenizer"
-    else:
-        source = str(folder)
-        try:
-            tokenizer = folder_tokenizer(folder)
-        except Exception as e:  # transformers and tokenizers raise many types for damaged files
-            raise ModelLoadError(f"{source} cannot be read: {type(e).__name__}: {e}"[:300]) from None
+    else:  # folder_tokenizer makes any failure of a damaged folder one ModelLoadError naming it
+        tokenizer, source = folder_tokenizer(folder), str(folder)
     if len(tokenizer) != text.vocab_size:
         raise ModelLoadError(
             f"{source} has {len(tokenizer)} tokens but the text encoder has {text.vocab_size}: "
