@@ -27,11 +27,12 @@ import torch
 
 from sdcli.models.vae import AutoencoderKL, DiagonalGaussian
 
-# Latent area (h * w) above which `decode`/`encode` tile automatically: 96x96, i.e. above 768x768 px for
-# SD (factor 8). Up to that the untiled VAE, which is exact, fits in a few GiB (SD 1.5 on the CPU in fp32,
-# peak RSS: 2.7 GiB at 768 px, 4.3 GiB at 1024 px, about 16 GiB at 2048 px; tiled: 1.6 GiB at any size);
-# beyond it its activations grow with the area and its attention's time with the area squared.
-AUTO_TILING_AREA = 96 * 96
+# Latent area (h * w) above which `decode`/`encode` tile automatically: 128x128, i.e. above 1024x1024 px for
+# SD and SDXL (factor 8). Up to that the untiled VAE, which is exact, runs its full-resolution layers in row
+# bands (models.bands) and fits in about 2 GiB (SD 1.5 on the CPU in fp32, peak RSS: 1.6 GiB at 768 px, 2.2 GiB
+# at 1024 px; tiled: 1.5 GiB at any size); beyond it its activations grow with the area and its attention's
+# time with the area squared.
+AUTO_TILING_AREA = 128 * 128
 
 
 def needs_tiling(h: int, w: int, threshold: int = AUTO_TILING_AREA) -> bool:

@@ -187,21 +187,21 @@ def test_bad_tilings_are_refused():
 
 
 def test_automatic_tiling_above_the_threshold(monkeypatch):
-    assert tiling.AUTO_TILING_AREA == 96 * 96  # 768x768 px for SD
-    assert not tiling.needs_tiling(96, 96) and tiling.needs_tiling(96, 97)
+    assert tiling.AUTO_TILING_AREA == 128 * 128  # 1024x1024 px for SD and SDXL
+    assert not tiling.needs_tiling(128, 128) and tiling.needs_tiling(128, 129)
     assert tiling.needs_tiling(20, 20, threshold=399) and not tiling.needs_tiling(20, 20, threshold=400)
 
     calls = []
     monkeypatch.setattr(tiling, "decode_tiled", lambda vae, z: calls.append("decode_tiled"))
     monkeypatch.setattr(tiling, "encode_tiled", lambda vae, x: calls.append("encode_tiled"))
     vae = LocalVAE(8)
-    small, big = torch.zeros(1, 4, 96, 96), torch.zeros(1, 4, 96, 104)
+    small, big = torch.zeros(1, 4, 128, 128), torch.zeros(1, 4, 128, 136)
     tiling.decode(vae, small)
     tiling.decode(vae, big)
     tiling.decode(vae, small, tiling=True)  # forced, as --vae-tiling does
     tiling.decode(vae, big, tiling=False)
-    tiling.encode(vae, torch.zeros(1, 3, 768, 768))
-    tiling.encode(vae, torch.zeros(1, 3, 768, 776))
+    tiling.encode(vae, torch.zeros(1, 3, 1024, 1024))
+    tiling.encode(vae, torch.zeros(1, 3, 1024, 1032))
     assert calls == ["decode_tiled", "decode_tiled", "encode_tiled"]
 
 

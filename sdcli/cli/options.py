@@ -137,7 +137,7 @@ PresetOpt = Annotated[Optional[str], typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout (path, seed, settings).")]
 VaeTilingOpt = Annotated[bool, typer.Option(
     "--vae-tiling", help="Encode and decode with the VAE in overlapping tiles (bounded memory for large images); "
-                         "automatic above 768x768 px on SD models.")]
+                         "automatic above a 128x128 latent (1024x1024 px on SD and SDXL).")]
 VaeDecoderOpt = Annotated[Optional[str], typer.Option(
     "--vae-decoder", metavar="PATH", show_default=False,
     help="Decode (and, when the file has its encoder, encode) with this tiny autoencoder, TAESD: a taesd_decoder"

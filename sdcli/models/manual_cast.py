@@ -24,8 +24,9 @@ from torch import nn
 from sdcli.batch import check_weights
 
 STORAGE = {"fp32": None, "fp16": torch.float16}  # --weights -> Checkpoint.load's storage
-# What a generate needs beyond the weights at 512 px (imports 0.45 GiB, the UNet 0.3, the VAE decode 1.6): SD 1.5
-# peaks at 6.5 GiB with its 3.97 GiB of fp32 weights (scripts/measure_weights_memory.py)
+# What a generate needs beyond the weights (imports 0.45 GiB, a 512 px UNet step 0.3, the 1024 px one 1.3, the
+# VAE decode 0.55 at 512 px and 1.7 at 1024 px): SD 1.5 peaks at 4.77 GiB at 512 px with its 3.97 GiB of fp32
+# weights (scripts/measure_weights_memory.py); the margin covers 1024 px
 WORKING_BYTES = 5 << 29  # 2.5 GiB
 
 

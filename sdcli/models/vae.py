@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcli.architecture import VAEConfig
+from sdcli.models.bands import attention, banded, conv_rows, norm_silu, upsampled
 from sdcli.models.layers import Upsample
 
 
@@ -30,9 +31,19 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if banded(x):
+            return self.forward_bands(x)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+    def forward_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """forward, a band of rows at a time (models.bands): only x and h are full-size (the output overwrites h)."""
+        _, c, height, width = x.shape
+        h = conv_rows(self.conv1, norm_silu(self.norm1, x), height, width, c)
+        shortcut = getattr(self, "nin_shortcut", None)
+        skip = (lambda a, e: x[:, :, a:e]) if shortcut is None else (lambda a, e: shortcut(x[:, :, a:e]))
+        return conv_rows(self.conv2, norm_silu(self.norm2, h), height, width, h.shape[1], residual=skip, into=h)
 
 
 class AttnBlock(nn.Module):
@@ -51,7 +62,7 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         # [B, C, H, W] -> [B, 1, HW, C]
         q, k, v = (p(hn).flatten(2).transpose(1, 2).unsqueeze(1) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -86,13 +97,22 @@ class Level(nn.Module):
         elif resample is Upsample:
             self.upsample = Upsample(out_ch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
+    def layers(self) -> list:
+        """Its layers in order. The autoencoder runs them in one loop of its own, `h = layer(h)`, so no caller
+        keeps a level's input alive through the whole level (at 512 px, 256 MiB)."""
         if hasattr(self, "downsample"):
-            x = self.downsample(x)
-        if hasattr(self, "upsample"):
-            x = self.upsample(x)
+            return [*self.block, self.downsample]
+        return [*self.block, self._upsample] if hasattr(self, "upsample") else list(self.block)
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        if banded(x):  # the x2 image only a band at a time
+            _, c, height, width = x.shape
+            return conv_rows(self.upsample.conv, upsampled(x), 2 * height, 2 * width, c)
+        return self.upsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers():
+            x = layer(x)
         return x
 
 
@@ -112,8 +132,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
+        for layer in (layer for level in self.down for layer in level.layers()):
+            h = layer(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -133,8 +153,11 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
+        for layer in (layer for level in reversed(self.up) for layer in level.layers()):
+            h = layer(h)
+        if banded(h):
+            _, c, height, width = h.shape
+            return conv_rows(self.conv_out, norm_silu(self.norm_out, h), height, width, c)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
