@@ -27,10 +27,15 @@ BAND_BYTES = 8 << 20  # about this much of the conv input per band (32 rows of 1
 Rows = Callable[[int, int], torch.Tensor]  # (a, b) -> the conv input's rows a..b-1 [B, C, b - a, W]
 
 
+def _may_band(x: torch.Tensor) -> bool:
+    """In RAM with autograd off (a GPU keeps the plain layers: its memory is not the process's, and many small
+    kernels would cost it time)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def banded(x: torch.Tensor) -> bool:
-    """Whether `x` goes through the bands: a large tensor in RAM, with autograd off (a GPU keeps the plain
-    layers: its memory is not the process's, and many small kernels would cost it time)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() * x.element_size() >= MIN_BYTES
+    """Whether `x` goes through the bands: a large tensor that may."""
+    return _may_band(x) and x.numel() * x.element_size() >= MIN_BYTES
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,7 +45,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     peaked 2.3 GiB above the model there.)"""
     n = k.shape[-2]
     block = max(1, BAND_BYTES // (4 * n * q.shape[0] * q.shape[1]))
-    if q.device.type != "cpu" or torch.is_grad_enabled() or block >= q.shape[-2]:
+    if not _may_band(q) or block >= q.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(block, dim=-2)], dim=-2)
 
@@ -73,6 +78,14 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> Rows:
     shift = norm.bias.double() - mean.repeat_interleave(c // g, dim=1) * scale
     scale, shift = scale.to(x.dtype)[:, :, None, None], shift.to(x.dtype)[:, :, None, None]
     return lambda a, e: F.silu(torch.addcmul(shift, x[:, :, a:e], scale), inplace=True)
+
+
+def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(silu(norm(x))), in bands when `x` is `banded`."""
+    if not banded(x):
+        return conv(F.silu(norm(x)))
+    _, c, height, width = x.shape
+    return conv_rows(conv, norm_silu(norm, x), height, width, c)
 
 
 def upsampled(x: torch.Tensor) -> Rows:

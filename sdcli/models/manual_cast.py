@@ -41,7 +41,7 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None 
     dtype = dtype or like.dtype
     if t.dtype == dtype and t.device == like.device:
         return t
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+    if torch.is_grad_enabled():  # (off in inference mode too)
         return t.to(device=like.device, dtype=dtype)  # autograd may keep the weight: a tensor of its own
     key = (like.device, dtype, slot)
     buf = _SCRATCH.get(key)

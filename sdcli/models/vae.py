@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcli.architecture import VAEConfig
-from sdcli.models.bands import attention, banded, conv_rows, norm_silu, upsampled
+from sdcli.models.bands import attention, banded, conv_rows, norm_silu, norm_silu_conv, upsampled
 from sdcli.models.layers import Upsample
 
 
@@ -39,8 +39,8 @@ class ResnetBlock(nn.Module):
 
     def forward_bands(self, x: torch.Tensor) -> torch.Tensor:
         """forward, a band of rows at a time (models.bands): only x and h are full-size (the output overwrites h)."""
-        _, c, height, width = x.shape
-        h = conv_rows(self.conv1, norm_silu(self.norm1, x), height, width, c)
+        height, width = x.shape[-2:]
+        h = norm_silu_conv(self.norm1, self.conv1, x)
         shortcut = getattr(self, "nin_shortcut", None)
         skip = (lambda a, e: x[:, :, a:e]) if shortcut is None else (lambda a, e: shortcut(x[:, :, a:e]))
         return conv_rows(self.conv2, norm_silu(self.norm2, h), height, width, h.shape[1], residual=skip, into=h)
@@ -87,7 +87,8 @@ class Mid(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution: `block` resnets then an optional `downsample` (encoder) or `upsample` (decoder)."""
+    """One resolution: `block` resnets then an optional `downsample` (encoder) or `upsample` (decoder), run by the
+    autoencoder through `layers`."""
 
     def __init__(self, in_ch: int, out_ch: int, n_blocks: int, resample: type[nn.Module] | None):
         super().__init__()
@@ -110,11 +111,6 @@ class Level(nn.Module):
             return conv_rows(self.upsample.conv, upsampled(x), 2 * height, 2 * width, c)
         return self.upsample(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers():
-            x = layer(x)
-        return x
-
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
@@ -134,7 +130,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for layer in (layer for level in self.down for layer in level.layers()):
             h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return norm_silu_conv(self.norm_out, self.conv_out, self.mid(h))
 
 
 class Decoder(nn.Module):
@@ -155,10 +151,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for layer in (layer for level in reversed(self.up) for layer in level.layers()):
             h = layer(h)
-        if banded(h):
-            _, c, height, width = h.shape
-            return conv_rows(self.conv_out, norm_silu(self.norm_out, h), height, width, c)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return norm_silu_conv(self.norm_out, self.conv_out, h)
 
 
 @dataclass
